@@ -1,0 +1,54 @@
+"""The ``llama3-sae`` command: one console script, one subcommand per stage.
+
+Each subcommand lives in its stage's package and is imported only when called, so ``llama3-sae --help``
+stays fast and a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+# name -> (module, function, one-line description). Each function takes (argv, prog) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("apps.demo", "main_demo", "run the pipeline on the built-in tiny model (no downloads)"),
+    "tiny-model": ("apps.demo", "main_tiny_model", "write (or find) the built-in tiny checkpoint; print its path"),
+    "complete": ("apps.complete", "main_complete", "stream text completions for one or more prompts"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: llama3-sae COMMAND [options]   (llama3-sae COMMAND --help for a command's options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"llama3-sae: unknown command '{name}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[name]
+    fn = getattr(importlib.import_module(module), func)
+    try:
+        return int(fn(rest, prog=f"llama3-sae {name}") or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # User-caused problems (bad paths, bad checkpoints, bad options) are reported, not traced back.
+        print(f"llama3-sae {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

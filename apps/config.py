@@ -1,0 +1,147 @@
+"""Typed configs as the one source of command-line options.
+
+Every stage describes its options as a dataclass with a docstring under each field. This module turns
+such a class into argparse options (help text = the field docstring, default shown), reads the values
+back into an instance (``__post_init__`` validates), and loads/saves the same object as JSON, so
+``--help``, config files and saved run configs never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal written under each field of a dataclass (also for its base classes)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one option per dataclass field. Fields named in ``skip`` are left for the caller (positionals)."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = docs.get(f.name, "")
+        if has_default and default is not None and default != [] and default != ():
+            help_text += f" (default: {_show(default)})"
+        kwargs: dict[str, Any] = {"help": help_text or None, "dest": f.name, "default": argparse.SUPPRESS}
+        if not has_default:
+            kwargs["required"] = True
+        origin = typing.get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            choices = typing.get_args(tp)
+            kwargs.update(choices=choices, type=type(choices[0]))
+        elif origin in (list, tuple):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            kwargs.update(nargs="+", type=_scalar(item))
+        else:
+            kwargs["type"] = _scalar(tp)
+            if optional:
+                kwargs["metavar"] = f"{getattr(tp, '__name__', 'VALUE').upper()}"
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def _scalar(tp: Any) -> Any:
+    if tp in (int, float, str):
+        return tp
+    if tp is Path:
+        return Path
+    return str
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, base: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from parsed options; values given on the command line override ``base``."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = dict(base or {})
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    hints = typing.get_type_hints(cls)
+    for k, v in list(values.items()):
+        tp, _ = _unwrap_optional(hints[k])
+        if typing.get_origin(tp) is tuple and isinstance(v, list):
+            values[k] = tuple(v)
+        if tp is Path and isinstance(v, str):
+            values[k] = Path(v)
+    return cls(**values)
+
+
+def to_jsonable(cfg: Any) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return {f.name: conv(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(cfg), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
+    raw = json.loads(Path(path).read_text())
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown {cls.__name__} keys {unknown}; known keys: {sorted(names)}")
+    raw.update(overrides)
+    ns = argparse.Namespace(**raw)
+    return from_namespace(cls, ns)
