@@ -97,7 +97,7 @@ def _scalar(tp: Any) -> Any:
 
 def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return " ".join(map(str, value))
+        return " ".join(repr(v) if isinstance(v, str) else str(v) for v in value)
     return str(value)
 
 

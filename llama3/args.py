@@ -119,8 +119,11 @@ class ModelArgs:
         n_heads = kwargs.get("n_heads", cls.n_heads)
         if raw.get("head_dim") not in (None, kwargs.get("dim", cls.dim) // n_heads):
             raise ValueError(f"{path}: head_dim={raw['head_dim']} differs from hidden_size/num_attention_heads; unsupported")
-        rope = raw.get("rope_scaling")
-        if rope is None:
+        # transformers >= 5 writes "rope_parameters" (with rope_theta inside) instead of "rope_scaling".
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters")
+        if rope and "rope_theta" not in kwargs and rope.get("rope_theta") is not None:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        if rope is None or rope.get("rope_type", rope.get("type")) == "default":
             kwargs["use_scaled_rope"] = False
         else:
             rope_type = rope.get("rope_type", rope.get("type"))

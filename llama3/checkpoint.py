@@ -1,0 +1,497 @@
+"""Load (and write) Llama 3 checkpoints in Meta's and Hugging Face's layouts.
+
+- Meta: ``params.json`` + ``consolidated.NN.pth`` (one file per model-parallel rank) + ``tokenizer.model``.
+- HF: ``config.json`` + ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` with
+  ``model.safetensors.index.json``); the tokenizer at ``original/tokenizer.model`` or ``tokenizer.model``.
+
+The model is built on the meta device and the checkpoint tensors are assigned into it: files are
+memory-mapped (``torch.load(mmap=True)``, safetensors ``safe_open``), each tensor is converted to the
+caller's dtype/device on its own, so the weights are never held twice. When the stored dtype and the
+device already match (e.g. bf16 on CPU), the parameters *are* the mapped file pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Literal, Mapping
+
+import torch
+
+from .args import ModelArgs
+from .model import Transformer
+
+Layout = Literal["meta", "hf"]
+
+# --------------------------------------------------------------------------- key names
+# HF name -> Meta name, "{}" standing for the layer index (torchtitan's state_dict_adapter style).
+HF_TO_META: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+META_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_META.items()}
+
+# HF's conversion script permutes the rows of wq/wk from Meta's interleaved rotary pairs
+# (x[2i], x[2i+1]) to the rotate-half layout (x[i], x[i + hd/2]); loading undoes it per head.
+# Value: which ModelArgs field holds the number of heads of that matrix.
+HF_ROTARY_PERMUTED: dict[str, str] = {
+    "layers.{}.attention.wq.weight": "n_heads",
+    "layers.{}.attention.wk.weight": "n_kv_heads",
+}
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half row order -> Meta's interleaved pairs (inverse of transformers' ``permute``)."""
+    d_out, d_in = w.shape
+    return w.view(n_heads, 2, d_out // n_heads // 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved pairs -> HF's rotate-half row order (transformers' ``permute``)."""
+    d_out, d_in = w.shape
+    return w.view(n_heads, d_out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+# How Meta's fairscale model-parallel layers split each tensor over consolidated.NN.pth (the dim the
+# shards are concatenated on to merge them). ColumnParallelLinear splits output features (dim 0),
+# RowParallelLinear input features (dim 1); norms are replicated (None). The embedding is split on the
+# vocabulary by Llama 3's VocabParallelEmbedding but on the features by Llama 2's ParallelEmbedding,
+# so its dim is read from the shard shapes ("by_shape").
+META_SHARD_DIM: dict[str, int | None | str] = {
+    "tok_embeddings.weight": "by_shape",
+    "layers.{}.attention.wq.weight": 0,
+    "layers.{}.attention.wk.weight": 0,
+    "layers.{}.attention.wv.weight": 0,
+    "layers.{}.attention.wo.weight": 1,
+    "layers.{}.feed_forward.w1.weight": 0,
+    "layers.{}.feed_forward.w2.weight": 1,
+    "layers.{}.feed_forward.w3.weight": 0,
+    "layers.{}.attention_norm.weight": None,
+    "layers.{}.ffn_norm.weight": None,
+    "norm.weight": None,
+    "output.weight": 0,
+}
+
+# Derived rotary buffers some checkpoints carry (Llama 2's rope.freqs, old HF inv_freq); the model
+# recomputes them from its config, so they are skipped rather than reported as unexpected.
+_DERIVED_KEYS = re.compile(r"^(rope\.freqs|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)$")
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _template(name: str) -> tuple[str, str | None]:
+    """``"layers.3.attention.wq.weight"`` -> ``("layers.{}.attention.wq.weight", "3")``."""
+    m = _LAYER_INDEX.search(name)
+    if m is None:
+        return name, None
+    return name[: m.start()] + ".{}." + name[m.end():], m.group(1)
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """The Meta name of an HF tensor name, or None when the table has no entry for it."""
+    template, layer = _template(name)
+    meta = HF_TO_META.get(template)
+    return None if meta is None else meta.format(layer)
+
+
+def meta_to_hf_name(name: str) -> str | None:
+    template, layer = _template(name)
+    hf = META_TO_HF.get(template)
+    return None if hf is None else hf.format(layer)
+
+
+# --------------------------------------------------------------------------- files
+_META_EXPECTED = "params.json + consolidated.00.pth [.. consolidated.NN.pth] (+ tokenizer.model)"
+_HF_EXPECTED = ("config.json + model.safetensors, or model-0000i-of-0000n.safetensors with "
+                "model.safetensors.index.json (+ original/tokenizer.model)")
+
+
+def _listing(ckpt_dir: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in ckpt_dir.iterdir())
+    if not names:
+        return "the directory is empty"
+    shown = ", ".join(names[:30]) + (f", ... ({len(names) - 30} more)" if len(names) > 30 else "")
+    return f"found: {shown}"
+
+
+def _meta_shards(ckpt_dir: Path) -> list[Path]:
+    return sorted(ckpt_dir.glob("consolidated.*.pth"))
+
+
+def detect_layout(ckpt_dir: str | Path) -> Layout:
+    """``"meta"`` (params.json + consolidated.*.pth) or ``"hf"`` (config.json + *.safetensors).
+
+    Raises FileNotFoundError naming what each layout needs and what the directory holds."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist (or is not a directory)")
+    has_params, has_config = (ckpt_dir / "params.json").is_file(), (ckpt_dir / "config.json").is_file()
+    if has_params and _meta_shards(ckpt_dir):
+        return "meta"
+    if has_config and (_hf_index(ckpt_dir) or (ckpt_dir / "model.safetensors").is_file()):
+        return "hf"
+    if has_params:
+        problem = "it has params.json but no consolidated.*.pth weights (Meta layout)"
+    elif has_config:
+        problem = "it has config.json but no model.safetensors / model.safetensors.index.json (HF layout)"
+        if list(ckpt_dir.glob("*.bin")):
+            problem += "; PyTorch *.bin weights are not read: convert them to safetensors"
+    elif _meta_shards(ckpt_dir):
+        problem = "it has consolidated.*.pth weights but no params.json (Meta layout)"
+    elif list(ckpt_dir.glob("*.safetensors")):
+        problem = "it has *.safetensors weights but no config.json (HF layout)"
+    else:
+        problem = "it holds neither layout"
+    hint = ""
+    if (ckpt_dir / "original" / "params.json").is_file():
+        hint = f"; {ckpt_dir / 'original'} looks like a Meta checkpoint: pass that directory instead"
+    raise FileNotFoundError(
+        f"{ckpt_dir} is not a Llama checkpoint: {problem}. Expected the Meta layout ({_META_EXPECTED}) "
+        f"or the HF layout ({_HF_EXPECTED}); {_listing(ckpt_dir)}{hint}"
+    )
+
+
+def _hf_index(ckpt_dir: Path) -> Path | None:
+    path = ckpt_dir / "model.safetensors.index.json"
+    return path if path.is_file() else None
+
+
+def find_tokenizer(ckpt_dir: str | Path) -> Path:
+    """The tiktoken ``tokenizer.model`` of a checkpoint: ``tokenizer.model`` or ``original/tokenizer.model``."""
+    ckpt_dir = Path(ckpt_dir)
+    candidates = [ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    extra = ""
+    if ckpt_dir.is_dir() and (ckpt_dir / "tokenizer.json").is_file():
+        extra = " (tokenizer.json, HF's fast-tokenizer file, is not read: this project uses the tiktoken file)"
+    listing = _listing(ckpt_dir) if ckpt_dir.is_dir() else "the directory does not exist"
+    raise FileNotFoundError(
+        f"no Llama 3 tokenizer in {ckpt_dir}: looked for {', '.join(str(p) for p in candidates)}{extra}; "
+        f"{listing}. Copy the checkpoint's tokenizer.model there."
+    )
+
+
+def read_model_args(ckpt_dir: str | Path, layout: Layout | None = None, **overrides) -> ModelArgs:
+    """ModelArgs from ``params.json`` (Meta) or ``config.json`` (HF); unknown keys are warned about."""
+    ckpt_dir = Path(ckpt_dir)
+    layout = layout or detect_layout(ckpt_dir)
+    if layout == "meta":
+        return ModelArgs.from_params_json(ckpt_dir / "params.json", **overrides)
+    return ModelArgs.from_hf_config(ckpt_dir / "config.json", **overrides)
+
+
+def check_vocab(params: ModelArgs, n_words: int, *, where: str | Path | None = None) -> None:
+    """Raise ValueError unless the model's vocabulary matches the tokenizer's (as Meta's reference asserts)."""
+    if params.vocab_size != n_words:
+        src = f" of {where}" if where is not None else ""
+        raise ValueError(
+            f"vocabulary mismatch{src}: the model has vocab_size={params.vocab_size} but the tokenizer has "
+            f"n_words={n_words}. The tokenizer.model does not belong to these weights: use the tokenizer that "
+            f"ships with the checkpoint (Llama 3 uses 128256 = 128000 BPE tokens + 256 special tokens)."
+        )
+
+
+# --------------------------------------------------------------------------- reading tensors
+def _convert(t: torch.Tensor, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    # .to() returns the tensor itself when nothing changes: mapped pages then become the parameter.
+    return t.to(device=device, dtype=dtype or t.dtype)
+
+
+def _read_meta(ckpt_dir: Path) -> tuple[dict[str, list[torch.Tensor]], list[Path]]:
+    """{meta name: [tensor of each shard]} with every shard memory-mapped (nothing read yet)."""
+    paths = _meta_shards(ckpt_dir)
+    # consolidated.00 .. consolidated.NN must all be there: a missing rank would merge to wrong shapes.
+    want = [f"consolidated.{i:02d}.pth" for i in range(len(paths))]
+    if [p.name for p in paths] != want:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: model-parallel shards must be consolidated.00.pth .. consolidated.{len(paths) - 1:02d}.pth "
+            f"without gaps; found {[p.name for p in paths]}"
+        )
+    shards = []
+    for path in paths:
+        try:
+            shards.append(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # a truncated download or a non-zip file: say which file
+            raise ValueError(f"cannot read {path}: {e}") from e
+    keys = list(shards[0])
+    for path, sd in zip(paths[1:], shards[1:]):
+        if set(sd) != set(keys):
+            diff = sorted(set(sd) ^ set(keys))
+            raise ValueError(f"{path.name} and {paths[0].name} hold different tensor names, e.g. {diff[:5]}")
+    return {k: [sd[k] for sd in shards] for k in keys if not _DERIVED_KEYS.match(k)}, paths
+
+
+def _read_hf(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """{HF name: tensor}, each safetensors file memory-mapped (safe_open returns views of the map)."""
+    from safetensors import safe_open
+
+    index = _hf_index(ckpt_dir)
+    if index is not None:
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index} is not a safetensors index (no weight_map): {e}") from e
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (ckpt_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index.name} lists weight files that are not in {ckpt_dir}: {missing}; "
+                                    f"{_listing(ckpt_dir)}. Re-download the missing shards.")
+    else:
+        weight_map, files = {}, ["model.safetensors"]
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        with safe_open(str(ckpt_dir / name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if index is not None and weight_map.get(key) != name:
+                    continue  # listed under another file (or not at all): the index decides
+                out[key] = f.get_tensor(key)
+    absent = sorted(k for k in weight_map if k not in out)
+    if absent:
+        raise ValueError(f"{index} maps tensors to files that do not hold them: {absent[:10]}")
+    return out
+
+
+def _merge_dim(name: str, pieces: list[torch.Tensor], full: torch.Size) -> int | None:
+    """Dim to concatenate Meta shards on (None: replicated); shape problems are left to the caller."""
+    template, _ = _template(name)
+    dim = META_SHARD_DIM.get(template, None)
+    if dim == "by_shape":
+        n, shape = len(pieces), tuple(pieces[0].shape)
+        if len(shape) == 2 and shape[0] * n == full[0] and shape[1] == full[1]:
+            return 0
+        if len(shape) == 2 and shape[0] == full[0] and shape[1] * n == full[1]:
+            return 1
+        return 0
+    return dim
+
+
+def _merged_shape(pieces: list[torch.Tensor], dim: int | None) -> tuple[int, ...]:
+    shape = list(pieces[0].shape)
+    if dim is not None and len(pieces) > 1:
+        shape[dim] = sum(p.shape[dim] for p in pieces)
+    return tuple(shape)
+
+
+def _dedupe_repeated_kv(name: str, pieces: list[torch.Tensor], n_kv_heads: int) -> list[torch.Tensor]:
+    """With more model-parallel ranks than kv heads (e.g. Llama 3.1 405B MP16 with 8 kv heads), each kv
+    head of wk/wv sits on ``n_ranks // n_kv_heads`` consecutive ranks; keep one copy of each."""
+    n = len(pieces)
+    if not name.endswith(("attention.wk.weight", "attention.wv.weight")) or n <= n_kv_heads or n % n_kv_heads:
+        return pieces
+    rep = n // n_kv_heads
+    kept = pieces[::rep]
+    for i, p in enumerate(pieces):
+        if not torch.equal(p, kept[i // rep]):
+            raise ValueError(f"{name}: shards {i // rep * rep} and {i} should hold the same kv head "
+                             f"({n} shards, {n_kv_heads} kv heads) but differ")
+    return kept
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
+            and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+
+def load_state_dict(ckpt_dir: str | Path, params: ModelArgs, *, layout: Layout | None = None,
+                    device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.bfloat16
+                    ) -> tuple[dict[str, torch.Tensor], ModelArgs]:
+    """Read a checkpoint into ``{meta name: tensor}`` on ``device`` in ``dtype`` (None: as stored).
+
+    Returns the state dict and ``params`` with ``tie_word_embeddings`` resolved from the checkpoint:
+    a missing output head (HF Llama 3.2 omits ``lm_head.weight``; Meta files may omit ``output.weight``)
+    or one stored as the embedding's own storage means a tied head, and the returned dict then holds the
+    embedding under both names. Missing/unexpected names and wrong shapes raise one ValueError that lists
+    them all."""
+    ckpt_dir = Path(ckpt_dir)
+    layout = layout or detect_layout(ckpt_dir)
+    device = torch.device(device)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(params).state_dict().items()}
+
+    # 1. Gather the stored tensors under Meta names, still lazily mapped: {name: [pieces]}.
+    if layout == "meta":
+        pieces, paths = _read_meta(ckpt_dir)
+        src_names = {k: k for k in pieces}
+        where = paths[0].name if len(paths) == 1 else f"{paths[0].name} .. {paths[-1].name}"
+        config_name = "params.json"
+        unknown = []
+    else:
+        raw = _read_hf(ckpt_dir)
+        pieces, src_names, unknown = {}, {}, []
+        for hf_name, t in raw.items():
+            if _DERIVED_KEYS.match(hf_name):
+                continue
+            name = hf_to_meta_name(hf_name)
+            if name is None:
+                unknown.append(hf_name)
+                continue
+            pieces[name], src_names[name] = [t], hf_name
+        where = "the safetensors files"
+        config_name = "config.json"
+
+    # 2. The output head: tied when absent or stored as the embedding itself.
+    tie = params.tie_word_embeddings
+    out_p, emb_p = pieces.get("output.weight"), pieces.get("tok_embeddings.weight")
+    if out_p is None and emb_p is not None:
+        if layout == "hf" and not tie:
+            raise ValueError(f"{ckpt_dir}: config.json has tie_word_embeddings=false but the checkpoint has no "
+                             f"lm_head.weight; set tie_word_embeddings to true if the head is the embedding")
+        tie = True
+    elif out_p is not None and emb_p is not None:
+        if all(_shares_storage(o, e) for o, e in zip(out_p, emb_p)):
+            tie = True
+        elif tie and not all(torch.equal(o, e) for o, e in zip(out_p, emb_p)):
+            raise ValueError(f"{ckpt_dir}: {config_name} ties the output head to the embedding, but the checkpoint's "
+                             f"{src_names['output.weight']} differs from {src_names['tok_embeddings.weight']}; "
+                             f"set tie_word_embeddings to false to use the separate head")
+        if tie:
+            del pieces["output.weight"]
+    params = dataclasses.replace(params, tie_word_embeddings=tie)
+    if tie:
+        expected.pop("output.weight", None)
+
+    # 3. Names and shapes, every problem reported at once.
+    problems = []
+    missing = [k for k in expected if k not in pieces]
+    unexpected = unknown + [src_names[k] for k in pieces if k not in expected]
+    if missing:
+        shown = [meta_to_hf_name(k) if layout == "hf" else k for k in missing]
+        problems.append(f"missing tensors: {_clip(shown)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_clip(unexpected)}")
+    merge_dims: dict[str, int | None] = {}
+    for name, ps in pieces.items():
+        if name not in expected:
+            continue
+        want = tuple(expected[name])
+        if len(ps) > 1:
+            ps = pieces[name] = _dedupe_repeated_kv(name, ps, params.n_kv_heads)
+            merge_dims[name] = _merge_dim(name, ps, expected[name])
+            if merge_dims[name] is None:
+                for i, p in enumerate(ps[1:], 1):
+                    if p.shape != ps[0].shape or not torch.equal(p, ps[0]):
+                        problems.append(f"{name} is replicated over model-parallel shards but shard {i} "
+                                        f"differs from shard 0")
+                        break
+        got = _merged_shape(ps, merge_dims.get(name))
+        if got != want:
+            merged = f" (merged from {len(ps)} shards)" if len(ps) > 1 else ""
+            problems.append(f"shape mismatch for {src_names[name]}: the checkpoint has {got}{merged}, "
+                            f"{config_name} implies {want}")
+    if problems:
+        raise ValueError(f"checkpoint {ckpt_dir} ({where}) does not match its {config_name}:\n  - "
+                         + "\n  - ".join(problems)
+                         + f"\nCheck that {config_name} belongs to these weights and that no file is missing "
+                           f"or truncated.")
+
+    # 4. Convert tensor by tensor (merging shards straight into the output), so one copy at most is made.
+    sd: dict[str, torch.Tensor] = {}
+    for name in list(pieces):
+        ps = pieces.pop(name)  # drop our reference to the mapped pieces as we go
+        dim = merge_dims.get(name)
+        if len(ps) == 1 or dim is None:
+            t = _convert(ps[0], dtype, device)
+        else:
+            t = torch.empty(expected[name], dtype=dtype or ps[0].dtype, device=device)
+            offset = 0
+            for p in ps:
+                t.narrow(dim, offset, p.shape[dim]).copy_(p)
+                offset += p.shape[dim]
+        if layout == "hf":
+            template, _ = _template(name)
+            if template in HF_ROTARY_PERMUTED:
+                t = unpermute_rotary(t, getattr(params, HF_ROTARY_PERMUTED[template]))
+        sd[name] = t
+    if tie:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd, params
+
+
+def _clip(names: list[str], n: int = 12) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+# --------------------------------------------------------------------------- the model
+def load_model(ckpt_dir: str | Path, *, max_seq_len: int | None = None, max_batch_size: int | None = None,
+               device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.bfloat16,
+               store_layer_activ: Iterable | None = None, sae_layer_forward_fn: Mapping | None = None
+               ) -> Transformer:
+    """Build a ``Transformer`` from a Meta or HF checkpoint directory (detected from its files).
+
+    The module is created on the meta device and the (memory-mapped) checkpoint tensors are assigned
+    into it, converted to ``dtype`` (None: as stored) and moved to ``device`` one by one. No KV cache is
+    allocated (``model.setup_cache`` does that). The ModelArgs are ``model.params``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    layout = detect_layout(ckpt_dir)
+    overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)) if v is not None}
+    params = read_model_args(ckpt_dir, layout, **overrides)
+    with torch.device("meta"):  # no memory; also checks the hook sites before any weight is read
+        model = Transformer(params, store_layer_activ, sae_layer_forward_fn)
+    sd, params = load_state_dict(ckpt_dir, params, layout=layout, device=device, dtype=dtype)
+    model.params = params  # tie_word_embeddings as the checkpoint resolved it
+    model.load_state_dict(sd, strict=True, assign=True)
+    if params.tie_word_embeddings:
+        # assign=True gives each name its own Parameter object: share one, as the constructor does.
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope(device)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- writing
+def meta_params(params: ModelArgs) -> dict:
+    """``params.json`` contents for ``params``: Meta's keys plus the RoPE factor and the head tying
+    spelled out, so that loading never has to guess them from the shape."""
+    out = dataclasses.asdict(params)
+    for runtime in ("max_batch_size", "max_seq_len"):
+        out.pop(runtime)
+    out["rope_scaling_factor"] = params.resolved_rope_scaling_factor
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def save_meta_checkpoint(model: Transformer, ckpt_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """Write ``params.json`` and ``consolidated.00.pth`` (and copy ``tokenizer.model`` when given).
+
+    Each file is written under a temporary name and renamed, so an interrupted save leaves no half file.
+    A tied output head is stored as the embedding's own storage (Meta's reference loads ``output.weight``)."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        sd[name] = t.detach().to("cpu")
+    if model.params.tie_word_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    _atomic_write(ckpt_dir / "params.json", lambda f: f.write(json.dumps(meta_params(model.params), indent=2).encode()))
+    _atomic_write(ckpt_dir / "consolidated.00.pth", lambda f: torch.save(sd, f))
+    if tokenizer_path is not None:
+        def copy(f):
+            with open(tokenizer_path, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        _atomic_write(ckpt_dir / "tokenizer.model", copy)
+    return ckpt_dir
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
