@@ -94,11 +94,12 @@ class Llama:
         The KV cache is sized ``max_batch_size x max_seq_len``. ``compile=True`` compiles the one-token
         decode step with torch.compile (static shapes; the first steps pay the compile time).
         """
-        from .checkpoint import check_vocab, find_tokenizer, load_model
+        from .checkpoint import check_vocab, detect_layout, find_tokenizer, load_model
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
+        detect_layout(ckpt_dir)  # says which files each layout needs before anything else is read
         tokenizer = Tokenizer(find_tokenizer(ckpt_dir))
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, store_layer_activ=store_layer_activ, sae_layer_forward_fn=sae_layer_forward_fn)
