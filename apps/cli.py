@@ -15,6 +15,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("apps.demo", "main_demo", "run the pipeline on the built-in tiny model (no downloads)"),
     "tiny-model": ("apps.demo", "main_tiny_model", "write (or find) the built-in tiny checkpoint; print its path"),
     "complete": ("apps.complete", "main_complete", "stream text completions for one or more prompts"),
+    "capture": ("capture.cli", "main_capture",
+                "store activations at hook sites for a text or chat dataset (torchrun -m capture for several GPUs)"),
+    "preprocess": ("capture.cli", "main_preprocess", "statistics and a global shuffle of an activation store"),
+    "top-examples": ("interpret.cli", "main_top_examples", "top-activating documents of every latent, written beside the SAE"),
+    "interpret": ("interpret.cli", "main_interpret", "label latents with Claude (Message Batches) or --heuristic"),
+    "score": ("interpret.cli", "main_score", "detection-score the labels; summary table and histogram"),
 }
 
 

@@ -68,7 +68,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
         help_text = docs.get(f.name, "")
         if has_default and default is not None and default != [] and default != ():
             help_text += f" (default: {_show(default)})"
-        kwargs: dict[str, Any] = {"help": help_text or None, "dest": f.name, "default": argparse.SUPPRESS}
+        # argparse expands %-formats in help; a literal % in a docstring must not crash --help.
+        kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%") or None, "dest": f.name, "default": argparse.SUPPRESS}
         if not has_default:
             kwargs["required"] = True
         origin = typing.get_origin(tp)

@@ -1,0 +1,664 @@
+"""The capture loop: text -> model -> one activation store per hook site, on one process or under torchrun.
+
+Per rank: the documents whose global index is ``rank`` mod ``world`` are read in windows of about
+``bucket_tokens`` tokens (tokenised in a background thread), each window is cut into length-sorted
+batches, the forward stops after the deepest site, the stored rows go to a writer process through a
+bounded queue, and the writer commits shards plus this rank's progress (documents done) atomically.
+
+On disk while running (``OUT`` = ``cfg.out``)::
+
+    OUT/.capture/run.json                   what is being captured (a resumed run must match it)
+    OUT/.capture/progress-r{R}of{W}.json    rank R's commit point: documents done, its shards, counters
+    OUT/<site>/.parts/r{R}of{W}/shard-*.safetensors
+
+When every rank is finished, rank 0 renames the parts into ``OUT/<site>/shard-NNNNNN.safetensors``
+(following a plan written first, so a kill during this step is finished by the next run), writes each
+``manifest.json`` and removes the run state. Re-running a finished capture does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llama3.checkpoint import check_vocab, load_model, read_model_args
+from llama3.model import Transformer, site_name
+
+from .batching import EncodedDoc, collate, encode_window, plan_batches
+from .config import DTYPES, CaptureConfig
+from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files
+from .store import (DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, WriterSpec, atomic_write_json, new_progress,
+                    read_manifest, shard_name, write_manifest, writer_main)
+
+STATE_DIR = ".capture"
+PARTS_DIR = ".parts"
+LOCK_TIMEOUT_S = 120.0
+
+
+@dataclass
+class CaptureSummary:
+    """What a capture did (this process's view; rank 0's includes the totals of all ranks)."""
+
+    stores: list[Path]
+    rows: int = 0
+    """Rows stored per site over all ranks (rank 0) or this rank."""
+    docs: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    """Bytes of the shards of all sites."""
+    seconds: float = 0.0
+    tokens_this_run: int = 0
+    """Tokens this process computed in this run (resumed work excluded)."""
+    counters: dict[str, int] = field(default_factory=dict)
+    source: str = ""
+    """Skipped/repaired input counts."""
+    status: str = "captured"
+    """captured, resumed, or already complete."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
+
+
+def _state(cfg: CaptureConfig) -> Path:
+    return cfg.out / STATE_DIR
+
+
+def _progress_path(cfg: CaptureConfig, rank: int, world: int) -> Path:
+    return _state(cfg) / f"progress-r{rank}of{world}.json"
+
+
+def _part_dir(cfg: CaptureConfig, site: str, rank: int, world: int) -> Path:
+    return cfg.out / site / PARTS_DIR / f"r{rank}of{world}"
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owned: bool = False
+    """We initialised the process group (and destroy it at the end)."""
+    device_ids: list[int] | None = None
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(device_ids=self.device_ids) if self.device_ids else dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _setup_dist(cfg: CaptureConfig) -> tuple[_Dist, torch.device]:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist(), device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
+    ids = [device.index] if backend == "nccl" else None
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owned=True, device_ids=ids), device
+
+
+# --------------------------------------------------------------------------- run state
+def _decide(cfg: CaptureConfig, sites: list[str], world: int) -> tuple[str, str]:
+    """Rank 0 looks at OUT: ("capture"|"finalize"|"complete", "") or ("error", message)."""
+    ident = cfg.identity()
+    state = _state(cfg)
+    run_path = state / "run.json"
+    if run_path.is_file():
+        run = json.loads(run_path.read_text())
+        diff = _differences(run["identity"], ident)
+        if (diff or run["world"] != world) and not _has_progress(state):
+            # An attempt that failed before committing anything: nothing to keep, start afresh.
+            for p in state.glob("progress-r*of*.json"):
+                p.unlink()
+            diff = ""
+            run = _start_run(run_path, cfg, world)
+        if diff:
+            return "error", (f"{cfg.out} holds an unfinished capture with other options ({diff}). Re-run it with "
+                             f"the same options to finish it, or delete {state} and {[str(cfg.out / s) for s in sites]}"
+                             " to start over, or pick another --out.")
+        if _fingerprint(cfg) != run.get("data_fingerprint"):
+            return "error", (f"the files under --data changed since the unfinished capture in {cfg.out} started "
+                             f"(size or modification time); resuming would mix two datasets. Restore them, or "
+                             f"delete {state} and {[str(cfg.out / s) for s in sites]} to start over.")
+        if run["world"] != world:
+            return "error", (f"{cfg.out} holds an unfinished capture run with {run['world']} rank(s); resume it with "
+                             f"the same number of ranks (torchrun --nproc-per-node {run['world']}), or delete {state} "
+                             "and the site directories to start over.")
+        if (state / "finalize.json").is_file():
+            return "finalize", ""
+        return "capture", ""
+    complete = []
+    for s in sites:
+        if (cfg.out / s / MANIFEST).is_file():
+            manifest = read_manifest(cfg.out / s)
+            diff = _differences(manifest.get("capture", {}), ident)
+            if diff:
+                return "error", (f"{cfg.out / s} already holds a capture with other options ({diff}); pick another "
+                                 "--out or delete that store.")
+            complete.append(s)
+        elif (cfg.out / s).exists() and any((cfg.out / s).iterdir()):
+            return "error", (f"{cfg.out / s} exists and is not an activation store of this capture; pick another "
+                             "--out or delete it.")
+    if complete and len(complete) == len(sites):
+        return "complete", ""
+    if complete:
+        return "error", (f"{cfg.out}: {complete} are already captured but {sorted(set(sites) - set(complete))} are "
+                         "not; capture the missing sites in a separate run (--sites with only those).")
+    _start_run(run_path, cfg, world)
+    return "capture", ""
+
+
+def _fingerprint(cfg: CaptureConfig) -> list[list[Any]]:
+    """(path, size, mtime) of every input file: a resumed run must read the same data."""
+    out: list[list[Any]] = []
+    for path, _ in resolve_files(cfg.data, cfg.format):
+        st = path.stat()
+        out.append([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _start_run(run_path: Path, cfg: CaptureConfig, world: int) -> dict[str, Any]:
+    run = {"identity": cfg.identity(), "world": world, "data_fingerprint": _fingerprint(cfg),
+           "started": datetime.datetime.now().isoformat(timespec="seconds")}
+    run_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_path, run)
+    return run
+
+
+def _has_progress(state: Path) -> bool:
+    """Whether any rank committed documents (or the run reached finalisation)."""
+    if (state / "finalize.json").is_file():
+        return True
+    for p in state.glob("progress-r*of*.json"):
+        try:
+            if json.loads(p.read_text())["docs_done"] > 0:
+                return True
+        except (json.JSONDecodeError, KeyError):
+            return True
+    return False
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k))
+
+
+def _remove_uncommitted(part_dir: Path, committed: list[dict[str, Any]]) -> None:
+    """Shards or temporary files a killed writer left behind that its progress file does not list."""
+    keep = {e["file"] for e in committed}
+    if part_dir.is_dir():
+        for p in part_dir.iterdir():
+            if p.name not in keep:
+                p.unlink()
+
+
+# --------------------------------------------------------------------------- windows
+@dataclass
+class _Window:
+    docs: list[EncodedDoc]
+    counters: dict[str, int]
+
+
+def _windows(cfg: CaptureConfig, docs: Iterator[Any], skip: int, tokenizer: Any, chat_format: Any) -> Iterator[_Window]:
+    """Skip the ``skip`` documents already committed, then yield windows of about ``bucket_tokens``.
+    Window boundaries depend only on the documents from the previous boundary on, so a resumed run
+    (which starts at a committed boundary) cuts the same windows as an uninterrupted one."""
+    for _ in range(skip):
+        if next(docs, None) is None:
+            raise ValueError(f"the input has fewer documents than the {skip} this rank already captured; the data "
+                             "under --data changed since the capture started. Delete OUT to start over.")
+    window = _Window([], {"docs": 0})
+    n_tokens = 0
+    for doc in docs:
+        encoded = encode_window([doc], tokenizer, chat_format, bos=cfg.bos, max_tokens=cfg.max_tokens,
+                                counters=window.counters)
+        window.docs += encoded
+        window.counters["docs"] += 1
+        n_tokens += sum(len(e.ids) for e in encoded)
+        if n_tokens >= cfg.bucket_tokens:
+            yield window
+            window, n_tokens = _Window([], {"docs": 0}), 0
+    if window.counters["docs"]:
+        yield window
+
+
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run an iterator in a background thread (tokenising overlaps the forward passes)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(("item", done))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put(("error", e))
+
+    t = threading.Thread(target=work, daemon=True, name="capture-prefetch")
+    t.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "error":
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- writer handle
+class _WriterHandle:
+    def __init__(self, spec: WriterSpec, depth: int):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.q = ctx.Queue(maxsize=depth)
+        self.results = ctx.Queue()
+        self.proc = ctx.Process(target=writer_main, args=(spec, self.q, self.results), daemon=True,
+                                name="capture-writer")
+        self.proc.start()
+
+    def _failure(self) -> RuntimeError:
+        try:
+            _, detail = self.results.get(timeout=5)
+        except queue.Empty:
+            detail = f"it exited with code {self.proc.exitcode} and left no message (killed, or out of memory?)"
+        return RuntimeError(f"the capture's writer process failed:\n{detail}")
+
+    def put(self, item: tuple) -> None:
+        while True:
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self.proc.is_alive():
+                    raise self._failure() from None
+
+    def check(self) -> None:
+        if not self.proc.is_alive():
+            raise self._failure()
+
+    def finish(self) -> dict[str, Any]:
+        self.put(("finish",))
+        while True:
+            try:
+                kind, detail = self.results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise self._failure() from None
+        self.proc.join(timeout=60)
+        if kind != "done":
+            raise RuntimeError(f"the capture's writer process failed:\n{detail}")
+        return detail
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+
+
+class _Outbox:
+    """Moves a batch's stored rows off the accelerator and into the writer queue. On CUDA the copy to
+    pinned memory is asynchronous and the batch is handed over after the next forward was launched, so
+    the device never idles on the copy; row selection uses precomputed indices (no device sync)."""
+
+    def __init__(self, writer: _WriterHandle, sites: list[str], dtype: torch.dtype):
+        self.writer, self.sites, self.dtype = writer, sites, dtype
+        self.pending: tuple[Any, ...] | None = None
+
+    def send(self, acts: dict[str, torch.Tensor], batch: Any) -> None:
+        some = acts[self.sites[0]]
+        device = some.device
+        index = batch.keep.view(-1).nonzero().squeeze(1)  # [N] flat positions of the stored rows
+        rows: dict[str, torch.Tensor] = {}
+        event = None
+        if device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
+            for s in self.sites:
+                picked = acts[s].reshape(-1, some.shape[-1]).index_select(0, index).to(self.dtype)
+                rows[s] = torch.empty(picked.shape, dtype=self.dtype, pin_memory=True)
+                rows[s].copy_(picked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            for s in self.sites:
+                rows[s] = acts[s].reshape(-1, some.shape[-1]).index_select(0, index).to(self.dtype)
+        self.flush()
+        self.pending = (event, rows, batch.row_tokens, batch.row_doc_ids, batch.row_positions)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        event, *message = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        self.writer.put(("rows", *message))
+
+
+# --------------------------------------------------------------------------- the loop
+def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokenizer: Any = None,
+                console: Any = None) -> CaptureSummary:
+    """Capture ``cfg.sites`` over ``cfg.data`` into ``cfg.out``; resumes what a killed run left.
+
+    Under torchrun (or an initialised process group) each rank captures its share. ``model`` and
+    ``tokenizer`` may be given instead of loading ``cfg.ckpt_dir`` (a given model keeps its device and
+    dtype; its hooks are replaced by the capture sites).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    sites = [site_name(s) for s in cfg.site_list]
+    params = model.params if model is not None else read_model_args(cfg.ckpt_dir)
+    for s in cfg.site_list:
+        if s.layer >= params.n_layers:
+            raise ValueError(f"hook site {site_name(s)} is past the last layer of {cfg.ckpt_dir} "
+                             f"(layers 0..{params.n_layers - 1})")
+    dist_info, device = _setup_dist(cfg)
+    rank, world = dist_info.rank, dist_info.world
+    try:
+        decision: tuple[str, str] | None = None
+        if rank == 0:
+            try:
+                decision = _decide(cfg, sites, world)
+            except ValueError as e:  # every rank must hear of it, or the others would wait forever
+                decision = ("error", str(e))
+        decision = dist_info.broadcast(decision)
+        assert decision is not None
+        if decision[0] == "error":
+            raise ValueError(decision[1])
+        if decision[0] == "complete":
+            summary = _summary_from_manifests(cfg, sites)
+            summary.status = "already complete"
+            return summary
+        local = CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed")  # "finalize": only that left
+        if decision[0] == "capture":
+            local = _capture_rank(cfg, sites, dist_info, device, model, tokenizer, console)
+        dist_info.barrier()
+        if rank == 0:
+            _finalize(cfg, sites, world)
+        dist_info.barrier()
+        # Throughput of this run over all ranks: their tokens over the slowest rank's time.
+        work = dist_info.gather((local.tokens_this_run, local.seconds))
+        if rank != 0:
+            return local
+        summary = _summary_from_manifests(cfg, sites)
+        summary.tokens_this_run = sum(t for t, _ in work)
+        summary.seconds = max(sec for _, sec in work)
+        summary.source = local.source
+        summary.status = local.status
+        return summary
+    finally:
+        if dist_info.owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _capture_rank(cfg: CaptureConfig, sites: list[str], d: _Dist, device: torch.device, model: Transformer | None,
+                  tokenizer: Any, console: Any) -> CaptureSummary:
+    from llama3.checkpoint import find_tokenizer
+    from llama3.tokenizer import ChatFormat, Tokenizer
+
+    rank, world = d.rank, d.world
+    state = _state(cfg)
+    state.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(state / f"lock-r{rank}of{world}")
+    # Exclusive first: a writer of a killed earlier attempt may still be finishing a shard.
+    lock.acquire(exclusive=True, timeout=LOCK_TIMEOUT_S, what=f"rank {rank}'s part of {cfg.out}")
+    try:
+        ppath = _progress_path(cfg, rank, world)
+        progress = json.loads(ppath.read_text()) if ppath.is_file() else new_progress(rank, world, sites)
+        for s in sites:
+            part = _part_dir(cfg, s, rank, world)
+            part.mkdir(parents=True, exist_ok=True)
+            _remove_uncommitted(part, progress["shards"][s])
+        if progress["finished"]:
+            return CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed")
+        lock.acquire(exclusive=False, timeout=LOCK_TIMEOUT_S)  # let our writer in, keep others out
+
+        params = model.params if model is not None else read_model_args(cfg.ckpt_dir)
+        if tokenizer is None:
+            tokenizer = cfg.tokenizer or find_tokenizer(cfg.ckpt_dir)
+        tok_path = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "model_path", "")
+        progress.update(d_model=params.dim, model_args=dataclasses.asdict(params), tokenizer=str(tok_path))
+        store_dtype = DTYPES[cfg.dtype]
+        spec = WriterSpec(
+            sites=sites,
+            part_dirs={s: str(_part_dir(cfg, s, rank, world)) for s in sites},
+            progress_path=str(ppath),
+            lock_path=str(lock.path),
+            shard_rows=max(1, int(cfg.shard_mb * 2**20 / (params.dim * store_dtype.itemsize))),
+            progress=progress,
+            parent_pid=os.getpid(),
+        )
+        # Start the writer first: its start-up (a fresh interpreter importing torch) overlaps the model load.
+        writer = _WriterHandle(spec, cfg.queue_batches)
+        try:
+            if model is None:
+                model = load_model(cfg.ckpt_dir, device=device, dtype=DTYPES[cfg.model_dtype],
+                                   store_layer_activ=sites, max_seq_len=cfg.max_tokens)
+            else:
+                model.set_hooks(store_layer_activ=sites)
+            if isinstance(tokenizer, (str, Path)):
+                tokenizer = Tokenizer(tokenizer)
+            return _run_loop(cfg, sites, d, model.eval(), tokenizer, ChatFormat(tokenizer), progress, writer, console)
+        except BaseException:
+            writer.kill()
+            raise
+    finally:
+        lock.release()
+
+
+def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer, tokenizer: Any, chat_format: Any,
+              progress: dict[str, Any], writer: "_WriterHandle", console: Any) -> CaptureSummary:
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    rank, world = d.rank, d.world
+    if cfg.max_tokens > model.rope_cos.shape[0]:
+        raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
+    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir)
+    device = model.tok_embeddings.weight.device
+    store_dtype = DTYPES[cfg.dtype]
+    files = resolve_files(cfg.data, cfg.format)
+    source_stats = SourceStats()
+    skip = int(progress["docs_done"])
+    docs = rank_documents(iter_documents(cfg, source_stats, files), rank, world)
+    windows = _prefetch(_windows(cfg, docs, skip, tokenizer, chat_format))
+    bar = Progress(TextColumn(f"capture {','.join(sites)}" + (f" rank {rank}/{world}" if world > 1 else "")),
+                   BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TextColumn("{task.fields[tps]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                   disable=not cfg.progress or rank != 0)
+    summary = CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed" if skip else "captured")
+    outbox = _Outbox(writer, sites, store_dtype)
+    t0 = time.perf_counter()
+    with bar, torch.inference_mode():
+        task = bar.add_task("capture", total=_rank_share(cfg.limit, rank, world), completed=skip, tps="")
+        if not cfg.split_sentences and cfg.progress and rank == 0:
+            # Counting the records of big text files takes a while: do it beside the capture, for the ETA.
+            threading.Thread(target=_count_for_eta, args=(bar, task, files, cfg.limit, rank, world), daemon=True,
+                             name="capture-count").start()
+        for window in windows:
+            counters = dict(window.counters)
+            counters.update(rows=0, tokens=0, padded=0, bos_rows_left_out=0)
+            if window.docs:
+                lengths = [len(doc.ids) for doc in window.docs]
+                for idx in plan_batches(lengths, cfg.tokens_per_batch, cfg.max_padding):
+                    batch_docs = [window.docs[i] for i in idx]
+                    skip_first = [not cfg.store_bos and doc.ids[0] == tokenizer.bos_id for doc in batch_docs]
+                    batch = collate(batch_docs, pad_id=0, skip_first=skip_first)
+                    acts = model.forward_activations(batch.tokens.to(device, non_blocking=True))
+                    outbox.send(acts, batch)
+                    counters["rows"] += int(batch.row_tokens.shape[0])
+                    counters["tokens"] += batch.real_tokens
+                    counters["padded"] += batch.padded_tokens
+                    counters["bos_rows_left_out"] += sum(skip_first)
+                    summary.tokens_this_run += batch.real_tokens
+                    elapsed = time.perf_counter() - t0
+                    bar.update(task, tps=f"{summary.tokens_this_run / max(elapsed, 1e-9):,.0f} tok/s")
+            outbox.flush()
+            writer.put(("window", counters))
+            writer.check()
+            bar.update(task, advance=counters["docs"])
+        progress = writer.finish()
+    summary.seconds = time.perf_counter() - t0
+    summary.counters = dict(progress["counters"])
+    summary.rows = summary.counters.get("rows", 0)
+    summary.docs = summary.counters.get("docs", 0)
+    summary.tokens = summary.counters.get("tokens", 0)
+    summary.source = source_stats.problems()
+    return summary
+
+
+def _rank_share(total: int | None, rank: int, world: int) -> int | None:
+    return None if total is None else (total - rank + world - 1) // world
+
+
+def _count_for_eta(bar: Any, task: Any, files: list, limit: int | None, rank: int, world: int) -> None:
+    n = count_records(files)
+    if n is not None:
+        bar.update(task, total=_rank_share(n if limit is None else min(n, limit), rank, world))
+
+
+# --------------------------------------------------------------------------- finalize
+def _finalize(cfg: CaptureConfig, sites: list[str], world: int) -> None:
+    """Rank 0, after every rank finished: parts -> OUT/<site>/shard-NNNNNN, manifests, remove run state."""
+    state = _state(cfg)
+    plan_path = state / "finalize.json"
+    if not plan_path.is_file():
+        progresses = []
+        for r in range(world):
+            p = _progress_path(cfg, r, world)
+            prog = json.loads(p.read_text()) if p.is_file() else None
+            if prog is None or not prog["finished"]:
+                raise RuntimeError(f"rank {r} has not finished its share ({p}); on several nodes OUT must be on a "
+                                   "filesystem all nodes share. Re-run the capture to finish it.")
+            progresses.append(prog)
+        counters: dict[str, int] = {}
+        for prog in progresses:
+            for k, v in prog["counters"].items():
+                counters[k] = counters.get(k, 0) + v
+        moves: list[tuple[str, str]] = []
+        manifests = {}
+        run = json.loads((state / "run.json").read_text())
+        for s in sites:
+            entries = []
+            for r, prog in enumerate(progresses):
+                for e in prog["shards"][s]:
+                    dst = shard_name(len(entries))
+                    moves.append((f"{s}/{PARTS_DIR}/r{r}of{world}/{e['file']}", f"{s}/{dst}"))
+                    entries.append({**e, "file": dst, "rank": r})
+            manifests[s] = {
+                "format": FORMAT,
+                "version": VERSION,
+                "d_model": progresses[0]["d_model"],
+                "dtype": DTYPE_NAMES[DTYPES[cfg.dtype]],
+                "site": s,
+                "model": Path(str(cfg.ckpt_dir)).name,
+                "model_args": progresses[0]["model_args"],
+                "tokenizer": progresses[0]["tokenizer"],
+                "num_rows": sum(e["rows"] for e in entries),
+                "num_docs": counters.get("docs", 0),
+                "num_tokens": counters.get("tokens", 0),
+                "shards": entries,
+                "capture": run["identity"],
+                "world_size": world,
+                "counters": counters,
+                "started": run.get("started"),
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+            }
+        atomic_write_json(plan_path, {"moves": moves, "manifests": manifests})
+    plan = json.loads(plan_path.read_text())
+    for src, dst in plan["moves"]:
+        if (cfg.out / src).is_file():
+            os.replace(cfg.out / src, cfg.out / dst)
+        elif not (cfg.out / dst).is_file():
+            raise RuntimeError(f"finalizing {cfg.out}: neither {src} nor {dst} exists; the store is damaged. "
+                               "Delete OUT and capture again.")
+    for s, manifest in plan["manifests"].items():
+        write_manifest(cfg.out / s, manifest)
+    for s in plan["manifests"]:
+        shutil.rmtree(cfg.out / s / PARTS_DIR, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def _summary_from_manifests(cfg: CaptureConfig, sites: list[str]) -> CaptureSummary:
+    summary = CaptureSummary(stores=[cfg.out / s for s in sites])
+    for i, s in enumerate(sites):
+        m = read_manifest(cfg.out / s)
+        summary.bytes += sum((cfg.out / s / e["file"]).stat().st_size for e in m["shards"])
+        if i == 0:
+            summary.rows, summary.docs, summary.tokens = m["num_rows"], m["num_docs"], m["num_tokens"]
+            summary.counters = dict(m.get("counters", {}))
+    return summary
+
+
+def format_summary(summary: CaptureSummary) -> str:
+    c = summary.counters
+    lines = [f"capture {summary.status}: {summary.rows:,} rows per site from {summary.docs:,} documents "
+             f"({summary.tokens:,} tokens), {summary.bytes / 2**20:,.1f} MiB in {len(summary.stores)} store(s)"]
+    if summary.tokens_this_run:
+        lines.append(f"  {summary.tokens_this_run:,} tokens this run in {summary.seconds:,.1f} s: "
+                     f"{summary.tokens_per_s:,.0f} tokens/s")
+    if c.get("padded"):
+        lines.append(f"  padding computed: {1 - c.get('tokens', 0) / c['padded']:.1%} of the batch positions")
+    if c.get("truncated_docs"):
+        lines.append(f"  cut to --max-tokens: {c['truncated_docs']:,} documents lost {c['truncated_tokens']:,} tokens")
+    if c.get("bos_rows_left_out"):
+        lines.append(f"  <|begin_of_text|> rows not stored: {c['bos_rows_left_out']:,} (--store-bos keeps them)")
+    if c.get("empty_docs"):
+        lines.append(f"  documents without tokens skipped: {c['empty_docs']:,}")
+    if summary.source:
+        lines.append(f"  input: {summary.source}")
+    lines += [f"  store: {p}" for p in summary.stores]
+    return "\n".join(lines)

@@ -1,0 +1,670 @@
+"""Send many Messages API requests through the Anthropic Message Batches API, resumably.
+
+``JobRunner`` owns two files in a work directory, per job kind (``labels``, ``score``):
+
+- ``{kind}.state.json`` (rewritten atomically): the batches sent (id, the custom_ids in each, collected
+  or not), the requests' metadata (what a reply is checked against, e.g. the hidden truth of a detection
+  question), and an *intent* written just before ``batches.create`` so that a kill between the create
+  call and the state update can be recovered by finding the batch again instead of sending it twice.
+- ``{kind}.results.jsonl`` (append-only): one line per request outcome, written as results are read.
+  A request is done when it has a final line (``ok``, a parse failure, a non-retryable error, or a
+  retryable one after ``max_attempts`` tries); expired, canceled and transiently errored requests get a
+  non-final line and go into a later batch.
+
+Killing the process at any point and rerunning the same command continues: batches in flight are polled
+(not resent), results already written are not written again, and nothing unsent is forgotten. The API
+key is only ever read by the SDK from ``ANTHROPIC_API_KEY``; nothing here writes it anywhere.
+HTTP-level retries (429, 5xx, connection errors, with exponential backoff honouring ``retry-after``)
+are the SDK's, configured through ``max_retries``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+STATE_FORMAT = "llama3-sae-interpret-state"
+STATE_VERSION = 1
+
+# Hard limits of the Message Batches API per batch (docs: 100,000 requests or 256 MB).
+API_MAX_REQUESTS = 100_000
+API_MAX_MB = 256.0
+
+# Errors inside a batch result worth another try; the rest (invalid_request_error, authentication_error,
+# permission_error, not_found_error, request_too_large, billing_error, ...) would fail the same way again.
+RETRYABLE_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error",
+                                   "gateway_timeout_error"})
+
+# USD per million tokens at standard (non-batch) rates; the Batches API bills half. From Anthropic's
+# pricing pages as of mid-2026. Prices change: --price-input-per-mtok / --price-output-per-mtok override.
+PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
+    "claude-sonnet-5-5": (2.0, 10.0),
+    "claude-sonnet-5": (2.0, 10.0),
+    "claude-opus-5-5": (4.0, 20.0),
+    "claude-opus-4-8": (5.0, 25.0),
+    "claude-sonnet-4-6": (3.0, 15.0),
+    "claude-haiku-4-5": (1.0, 5.0),
+    "claude-haiku-4-5-20251001": (1.0, 5.0),
+}
+BATCH_DISCOUNT = 0.5
+# Characters per token when count_tokens is unavailable; deliberately low so the estimate errs high.
+FALLBACK_CHARS_PER_TOKEN = 3.0
+
+
+def make_client(*, max_retries: int, timeout_s: float):
+    """An ``anthropic.Anthropic`` client; the key comes from ``ANTHROPIC_API_KEY`` only (and the SDK
+    reads ``ANTHROPIC_BASE_URL`` itself)."""
+    try:
+        import anthropic
+    except ImportError:
+        raise SystemExit("the interpret commands need the Anthropic SDK: pip install 'llama3-sae[interpret]' "
+                         "(or pip install anthropic)") from None
+    key = os.environ.get("ANTHROPIC_API_KEY", "").strip()
+    if not key:
+        raise SystemExit("ANTHROPIC_API_KEY is not set: export your Anthropic API key in the environment (it is "
+                         "read from there only), or label without an API with --heuristic")
+    # Passed explicitly so the SDK consults no other credential source (profiles, auth tokens on disk).
+    return anthropic.Anthropic(api_key=key, max_retries=max_retries, timeout=timeout_s)
+
+
+class ResultsStreamError(RuntimeError):
+    """The connection broke while a batch's results were streamed; what was read is saved."""
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _parse_time(value: Any) -> _dt.datetime:
+    if isinstance(value, _dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
+    return _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+@dataclass
+class Request:
+    """One Messages API request of a job."""
+
+    custom_id: str
+    """Unique within the job (this project: the latent index); how results are matched to requests."""
+    params: dict[str, Any]
+    """Keyword arguments of ``messages.create`` (model, max_tokens, system, messages, ...)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Kept in the state file and handed back with the result (e.g. the truth a reply is scored against)."""
+
+    def json_bytes(self) -> int:
+        return len(json.dumps({"custom_id": self.custom_id, "params": self.params}).encode())
+
+    def prompt_chars(self) -> int:
+        n = len(self.params.get("system") or "")
+        for m in self.params.get("messages", ()):
+            c = m.get("content")
+            n += len(c) if isinstance(c, str) else sum(len(b.get("text", "")) for b in c)
+        return n
+
+
+@dataclass
+class Outcome:
+    """What came back for one request, whichever way it was sent."""
+
+    custom_id: str
+    kind: Literal["succeeded", "errored", "canceled", "expired", "missing"]
+    """``missing``: the batch's results had no line for this request (or the batch vanished)."""
+    text: str = ""
+    """The reply's text blocks (succeeded)."""
+    stop_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    error_type: str = ""
+    error_message: str = ""
+    batch_id: str | None = None
+    """None for synchronous requests."""
+
+    @property
+    def retryable(self) -> bool:
+        if self.kind in ("canceled", "expired", "missing"):
+            return True
+        return self.kind == "errored" and self.error_type in RETRYABLE_ERROR_TYPES
+
+
+# handle(outcome, meta) -> the fields of the result line: at least "status" ("ok" or a failure name).
+# It is only called for succeeded outcomes; failures are recorded by the runner itself.
+Handler = Callable[[Outcome, dict[str, Any]], dict[str, Any]]
+
+
+def outcome_from_result(item: dict[str, Any], batch_id: str) -> Outcome:
+    """A line of a batch's results (as a dict) -> ``Outcome``; every result type is handled."""
+    from .parsing import reply_text
+
+    cid = str(item.get("custom_id"))
+    result = item.get("result") or {}
+    kind = result.get("type")
+    if kind == "succeeded":
+        msg = result.get("message") or {}
+        return Outcome(cid, "succeeded", text=reply_text(msg.get("content")), stop_reason=msg.get("stop_reason"),
+                       usage=_usage(msg.get("usage")), batch_id=batch_id)
+    if kind == "errored":
+        err = result.get("error") or {}
+        inner = err.get("error") if isinstance(err.get("error"), dict) else err
+        return Outcome(cid, "errored", error_type=str(inner.get("type", "unknown_error")),
+                       error_message=str(inner.get("message", "")), batch_id=batch_id)
+    if kind in ("canceled", "expired"):
+        return Outcome(cid, kind, batch_id=batch_id)
+    return Outcome(cid, "errored", error_type="unknown_result_type",
+                   error_message=f"result type {kind!r} not known to this version", batch_id=batch_id)
+
+
+def _usage(usage: Any) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        return {}
+    return {k: int(v) for k, v in usage.items() if k in ("input_tokens", "output_tokens") and isinstance(v, int)}
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class ResultsLog:
+    """The append-only ``{kind}.results.jsonl``; each line is flushed and fsynced as it is written."""
+
+    def __init__(self, path: Path, console: Console):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.exists():
+            self._load(console)
+
+    def _load(self, console: Console) -> None:
+        raw = self.path.read_bytes()
+        good_end = 0
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # a line cut by a kill mid-write: dropped below, and its request is redone
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{self.path}: line {len(self.records) + 1} is not JSON; this file is written "
+                                 "only by llama3-sae, so it was edited or damaged. Fix or delete that line "
+                                 "(its request is then redone) and rerun") from None
+            self.records.append(rec)
+            good_end += len(line)
+        if good_end < len(raw):
+            console.print(f"[yellow]{self.path.name}: dropping a half-written last line (the previous run was "
+                          "killed while writing it); that request's result is read again[/]")
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+
+    def history(self, generation: int) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for rec in self.records:
+            if rec.get("generation", 0) == generation:
+                out.setdefault(rec["custom_id"], []).append(rec)
+        return out
+
+
+@dataclass
+class RequestStatus:
+    done: bool
+    """Has an ``ok`` line, or a final failure (and failures are not being retried)."""
+    attempts: int
+    """Non-final tries since the last final line (what ``max_attempts`` counts)."""
+    last: dict[str, Any] | None
+
+
+def request_status(records: Sequence[dict[str, Any]], retry_failed: bool) -> RequestStatus:
+    """Where one request stands, from its result lines (only those after its last ``reset`` line count)."""
+    resets = [i for i, r in enumerate(records) if r.get("status") == "reset"]
+    if resets:
+        records = records[resets[-1] + 1:]
+    if any(r.get("status") == "ok" for r in records):
+        return RequestStatus(True, 0, records[-1])
+    attempts = 0
+    for r in records:
+        if r.get("final"):
+            attempts = 0
+        else:
+            attempts += 1
+    if records and records[-1].get("final"):
+        return RequestStatus(not retry_failed, 0, records[-1])
+    return RequestStatus(False, attempts, records[-1] if records else None)
+
+
+@dataclass
+class RunnerOptions:
+    max_requests_per_batch: int = 10_000
+    max_batch_mb: float = 200.0
+    poll_interval_s: float = 30.0
+    max_attempts: int = 3
+    retry_failed: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    ok: int = 0
+    failed: int = 0
+    """Requests with a final failure line (parse failures, non-retryable errors, retries used up)."""
+    sent: int = 0
+    """Requests sent in this run (including retries)."""
+    batches_created: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    """Usage of the replies read in this run."""
+    aborted: bool = False
+
+
+class JobRunner:
+    """Runs one kind of job (``labels``, ``score``) in ``workdir`` through a Message Batches client."""
+
+    def __init__(self, client: Any, workdir: Path, kind: str, options: RunnerOptions, *,
+                 console: Console | None = None, redo: bool = False):
+        self.client = client
+        self.workdir = Path(workdir)
+        self.kind = kind
+        self.opt = options
+        self.console = console or Console(stderr=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.workdir / f"{kind}.state.json"
+        self.results = ResultsLog(self.workdir / f"{kind}.results.jsonl", self.console)
+        self.state = self._load_state()
+        if redo:
+            # Start over for every request: earlier lines stay in the log for the record, but only lines of
+            # the new generation count. Batches still in flight are collected (they were paid for).
+            self.state["generation"] += 1
+            self._save()
+
+    # ------------------------------------------------------------------ state
+    def _load_state(self) -> dict[str, Any]:
+        if not self.state_path.exists():
+            return {"format": STATE_FORMAT, "version": STATE_VERSION, "kind": self.kind, "generation": 0,
+                    "batches": [], "intent": None, "meta": {}}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.state_path} is not valid JSON ({e}); it is written atomically, so it was "
+                             "edited by hand. Restore it, or delete it to forget batches in flight (their "
+                             "requests are then sent again)") from None
+        if state.get("format") != STATE_FORMAT or state.get("kind") != self.kind:
+            raise ValueError(f"{self.state_path} is not a {self.kind!r} job state of this project "
+                             f"(format {state.get('format')!r}, kind {state.get('kind')!r})")
+        if state.get("version", 0) > STATE_VERSION:
+            raise ValueError(f"{self.state_path} has version {state['version']}, newer than this code "
+                             f"({STATE_VERSION}); upgrade llama3-sae")
+        return state
+
+    def _save(self) -> None:
+        _atomic_write_json(self.state_path, self.state)
+
+    @property
+    def generation(self) -> int:
+        return int(self.state["generation"])
+
+    def in_flight(self) -> list[dict[str, Any]]:
+        return [b for b in self.state["batches"] if not b["collected"]]
+
+    def statuses(self, custom_ids: Iterable[str]) -> dict[str, RequestStatus]:
+        hist = self.results.history(self.generation)
+        return {cid: request_status(hist.get(cid, []), self.opt.retry_failed) for cid in custom_ids}
+
+    def reset(self, custom_ids: Iterable[str], note: str) -> None:
+        """Make requests pending again (e.g. a detection score whose label has changed since): a ``reset``
+        line hides their earlier lines from the done/attempt bookkeeping, without deleting them."""
+        for cid in custom_ids:
+            self.results.append({"custom_id": cid, "generation": self.generation, "status": "reset",
+                                 "time": now_iso(), "note": note})
+
+    # ------------------------------------------------------------------ records
+    def _write(self, outcome: Outcome, meta: dict[str, Any], handle: Handler, attempts_before: int,
+               generation: int | None = None) -> dict[str, Any]:
+        """Append the line for one outcome. ``attempts_before``: non-final tries already recorded."""
+        gen = self.generation if generation is None else generation
+        rec: dict[str, Any] = {"custom_id": outcome.custom_id, "generation": gen,
+                               "batch_id": outcome.batch_id, "time": now_iso()}
+        if outcome.kind == "succeeded":
+            rec.update(handle(outcome, meta))
+            rec.setdefault("final", True)
+            rec["usage"] = outcome.usage
+            if rec["status"] != "ok":
+                rec.setdefault("raw", outcome.text)
+                rec["stop_reason"] = outcome.stop_reason
+        else:
+            last_try = attempts_before + 1 >= self.opt.max_attempts
+            rec.update(status=outcome.kind, final=not outcome.retryable or last_try)
+            if outcome.kind == "errored":
+                rec["error"] = {"type": outcome.error_type, "message": outcome.error_message}
+            if outcome.retryable and last_try:
+                rec["note"] = f"gave up after {self.opt.max_attempts} attempts"
+        self.results.append(rec)
+        return rec
+
+    # ------------------------------------------------------------------ batches
+    def run_batches(self, requests: Sequence[Request], handle: Handler,
+                    confirm: Callable[[list[Request]], bool]) -> RunSummary:
+        """Send what is not done, wait, collect, resend what expired/was canceled/errored transiently,
+        until every request is done or out of attempts. ``confirm`` sees the first requests this run
+        would send and may refuse (the run then stops before sending anything)."""
+        summary = RunSummary()
+        by_id = {r.custom_id: r for r in requests}
+        if len(by_id) != len(requests):
+            raise ValueError("duplicate custom_id in the requests")
+        confirmed = False
+        self._resolve_intent()
+        while True:
+            flying = {cid for b in self.in_flight() for cid in b["custom_ids"]}
+            st = self.statuses(by_id)
+            pending = [by_id[cid] for cid, s in st.items() if not s.done and cid not in flying]
+            if pending:
+                if not confirmed:
+                    if not confirm(pending):
+                        summary.aborted = True
+                        return summary
+                    confirmed = True
+                self._submit(pending, summary)
+            if not self.in_flight():
+                break
+            self._wait_and_collect(handle, summary)
+        self._tally(by_id, summary)
+        return summary
+
+    def _tally(self, custom_ids: Iterable[str], summary: RunSummary) -> None:
+        for s in self.statuses(custom_ids).values():
+            if s.done and s.last is not None:
+                if s.last.get("status") == "ok":
+                    summary.ok += 1
+                else:
+                    summary.failed += 1
+
+    def chunks(self, pending: list[Request]) -> list[list[Request]]:
+        max_n = min(self.opt.max_requests_per_batch, API_MAX_REQUESTS)
+        max_bytes = int(min(self.opt.max_batch_mb, API_MAX_MB) * 1024 * 1024) - 1024  # room for the envelope
+        chunks: list[list[Request]] = []
+        cur: list[Request] = []
+        cur_bytes = 0
+        for r in pending:
+            size = r.json_bytes() + 2
+            if size > max_bytes:
+                raise ValueError(f"request {r.custom_id} alone is {size / 2**20:.1f} MiB, over the batch size limit "
+                                 f"of {max_bytes / 2**20:.0f} MiB; use fewer or shorter examples per prompt")
+            if cur and (len(cur) >= max_n or cur_bytes + size > max_bytes):
+                chunks.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(r)
+            cur_bytes += size
+        if cur:
+            chunks.append(cur)
+        return chunks
+
+    def _submit(self, pending: list[Request], summary: RunSummary) -> None:
+        for chunk in self.chunks(pending):
+            ids = [r.custom_id for r in chunk]
+            for r in chunk:
+                self.state["meta"][r.custom_id] = r.meta
+            # Written before the create call: if we die between the call and the save below, the next run
+            # finds the created batch by this intent instead of sending the requests a second time.
+            self.state["intent"] = {"custom_ids": ids, "since": now_iso()}
+            self._save()
+            batch = self.client.messages.batches.create(
+                requests=[{"custom_id": r.custom_id, "params": r.params} for r in chunk])
+            self.state["batches"].append({"id": batch.id, "custom_ids": ids, "created_at": now_iso(),
+                                          "collected": False, "generation": self.generation})
+            self.state["intent"] = None
+            self._save()
+            summary.sent += len(chunk)
+            summary.batches_created += 1
+            self.console.print(f"sent batch {batch.id} with {len(chunk)} requests")
+
+    def _resolve_intent(self) -> None:
+        """After a kill between ``batches.create`` and the state save: adopt the batch that was created
+        (same request count, created since the intent), or conclude none was."""
+        intent = self.state.get("intent")
+        if not intent:
+            return
+        known = {b["id"] for b in self.state["batches"]}
+        since = _parse_time(intent["since"]) - _dt.timedelta(minutes=2)
+        found = []
+        seen: set[str] = set()
+        for b in self.client.messages.batches.list(limit=100):
+            # Guards against a listing that repeats itself; 1,000 batches reach far past any interruption.
+            if b.id in seen or len(seen) >= 1000:
+                break
+            seen.add(b.id)
+            created = _parse_time(b.created_at)
+            if created < since:
+                break  # the list is newest first
+            total = sum(int(v or 0) for v in b.request_counts.to_dict().values())
+            if b.id not in known and total == len(intent["custom_ids"]):
+                found.append((created, b.id))
+        if found:
+            found.sort()
+            batch_id = found[0][1]
+            self.console.print(f"[yellow]the previous run was interrupted right after sending a batch; adopting "
+                               f"batch {batch_id} ({len(intent['custom_ids'])} requests) instead of resending[/]")
+            self.state["batches"].append({"id": batch_id, "custom_ids": intent["custom_ids"],
+                                          "created_at": now_iso(), "collected": False, "adopted": True,
+                                          "generation": self.generation})
+        self.state["intent"] = None
+        self._save()
+
+    def _wait_and_collect(self, handle: Handler, summary: RunSummary) -> None:
+        """Poll the batches in flight until each has ended, collecting each as it ends."""
+        import anthropic
+
+        flying = self.in_flight()
+        total = sum(len(b["custom_ids"]) for b in flying)
+        counts: dict[str, int] = {}
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, disable=not self.opt.progress) as progress:
+            task = progress.add_task(f"{self.kind}: {len(flying)} batch(es)", total=total, detail="")
+            while flying:
+                for b in list(flying):
+                    try:
+                        mb = self.client.messages.batches.retrieve(b["id"])
+                    except anthropic.NotFoundError:
+                        self.console.print(f"[red]batch {b['id']} no longer exists on the server; its "
+                                           f"{len(b['custom_ids'])} requests are sent again[/]")
+                        self._collect(b, handle, summary, items=[])
+                        flying.remove(b)
+                        continue
+                    rc = mb.request_counts.to_dict()
+                    counts[b["id"]] = sum(int(v or 0) for k, v in rc.items() if k != "processing")
+                    if mb.processing_status == "ended":
+                        self._collect(b, handle, summary)
+                        counts[b["id"]] = len(b["custom_ids"])
+                        flying.remove(b)
+                    progress.update(task, completed=sum(counts.values()),
+                                    detail=f"{len(flying)} in flight")
+                if flying:
+                    time.sleep(self.opt.poll_interval_s)
+
+    def _collect(self, entry: dict[str, Any], handle: Handler, summary: RunSummary,
+                 items: Iterable[Any] | None = None) -> None:
+        expected = set(entry["custom_ids"])
+        gen = entry.get("generation", self.generation)
+        # Lines already written for this batch by an earlier, interrupted collection.
+        written = {r["custom_id"] for r in self.results.records if r.get("batch_id") == entry["id"]}
+        hist = self.results.history(gen)
+        foreign = 0
+        stream = iter(self.client.messages.batches.results(entry["id"]) if items is None else items)
+        while True:
+            try:
+                item = next(stream)
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001 - transport errors of the streamed body are not wrapped by the SDK
+                raise ResultsStreamError(f"reading the results of batch {entry['id']} failed ({type(e).__name__}: "
+                                         f"{e}); the {len(written)} results read so far are saved, rerun the same "
+                                         "command to read the rest") from e
+            d = item if isinstance(item, dict) else item.to_dict(mode="json")
+            cid = str(d.get("custom_id"))
+            if cid not in expected:
+                foreign += 1
+                continue
+            if cid in written:
+                continue
+            outcome = outcome_from_result(d, entry["id"])
+            attempts = request_status(hist.get(cid, []), False).attempts
+            rec = self._write(outcome, self.state["meta"].get(cid, {}), handle, attempts, gen)
+            written.add(cid)
+            summary.input_tokens += rec.get("usage", {}).get("input_tokens", 0)
+            summary.output_tokens += rec.get("usage", {}).get("output_tokens", 0)
+        for cid in sorted(expected - written):
+            attempts = request_status(hist.get(cid, []), False).attempts
+            self._write(Outcome(cid, "missing", batch_id=entry["id"]), {}, handle, attempts, gen)
+        if foreign:
+            why = " (the batch was adopted after an interruption)" if entry.get("adopted") else ""
+            self.console.print(f"[yellow]batch {entry['id']}: {foreign} results with custom_ids this job did not "
+                               f"send were ignored{why}[/]")
+        entry["collected"] = True
+        self._save()
+
+    # ------------------------------------------------------------------ synchronous
+    def run_sync(self, requests: Sequence[Request], handle: Handler,
+                 confirm: Callable[[list[Request]], bool]) -> RunSummary:
+        """The same job with plain ``messages.create`` calls, one request at a time (for a handful of
+        latents: answers in seconds, at the full, non-batch price). Resumable through the same results log."""
+        import anthropic
+
+        summary = RunSummary()
+        by_id = {r.custom_id: r for r in requests}
+        st = self.statuses(by_id)
+        pending = [r for r in requests if not st[r.custom_id].done]
+        if pending and not confirm(pending):
+            summary.aborted = True
+            return summary
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, disable=not self.opt.progress) as progress:
+            task = progress.add_task(f"{self.kind} (sync)", total=len(pending))
+            for r in pending:
+                attempts = st[r.custom_id].attempts
+                while True:
+                    summary.sent += 1
+                    try:
+                        msg = self.client.messages.create(**r.params).to_dict(mode="json")
+                        from .parsing import reply_text
+
+                        outcome = Outcome(r.custom_id, "succeeded", text=reply_text(msg.get("content")),
+                                          stop_reason=msg.get("stop_reason"), usage=_usage(msg.get("usage")))
+                    except anthropic.APIStatusError as e:
+                        # The SDK has already retried 429/5xx max_retries times when this surfaces.
+                        etype = getattr(e, "type", None) or _error_type_of(e)
+                        outcome = Outcome(r.custom_id, "errored", error_type=etype or f"http_{e.status_code}",
+                                          error_message=_short(str(getattr(e, "message", e))))
+                    except anthropic.APIConnectionError as e:
+                        outcome = Outcome(r.custom_id, "errored", error_type="api_error",
+                                          error_message=f"connection failed: {type(e).__name__}")
+                    self.state["meta"][r.custom_id] = r.meta
+                    rec = self._write(outcome, r.meta, handle, attempts)
+                    summary.input_tokens += rec.get("usage", {}).get("input_tokens", 0)
+                    summary.output_tokens += rec.get("usage", {}).get("output_tokens", 0)
+                    if rec.get("final") or rec.get("status") == "ok":
+                        break
+                    attempts += 1
+                progress.advance(task)
+        self._tally(by_id, summary)
+        return summary
+
+
+def _error_type_of(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("type"), str):
+            return err["type"]
+    return ""
+
+
+def _short(s: str, n: int = 500) -> str:
+    # Error texts go into the results file; keep them readable but say when they were shortened.
+    return s if len(s) <= n else s[:n] + f" ... [{len(s) - n} more characters]"
+
+
+# ---------------------------------------------------------------------- cost estimate
+@dataclass
+class Estimate:
+    n_requests: int
+    input_tokens: int
+    input_method: str
+    output_tokens_expected: int
+    output_tokens_max: int
+    price: tuple[float, float] | None
+    """USD per million input/output tokens after any batch discount; None when unknown."""
+    price_note: str
+
+    def cost(self, output_tokens: int) -> float | None:
+        if self.price is None:
+            return None
+        return (self.input_tokens * self.price[0] + output_tokens * self.price[1]) / 1e6
+
+
+def model_price(model: str, batch: bool, override_in: float | None, override_out: float | None
+                ) -> tuple[tuple[float, float] | None, str]:
+    """(USD per MTok input, output) for ``model`` at batch or standard rates, and where it came from."""
+    base = PRICES_PER_MTOK.get(model)
+    p_in = override_in if override_in is not None else (base[0] if base else None)
+    p_out = override_out if override_out is not None else (base[1] if base else None)
+    if p_in is None or p_out is None:
+        return None, (f"no price known for {model!r}: pass --price-input-per-mtok and --price-output-per-mtok "
+                      "(USD per million tokens, standard rate) to see a cost")
+    factor = BATCH_DISCOUNT if batch else 1.0
+    src = "given" if (override_in is not None or override_out is not None) else "built-in table, mid-2026"
+    note = f"${p_in:g} / ${p_out:g} per MTok in/out ({src})" + (", batch price = 50%" if batch else "")
+    return (p_in * factor, p_out * factor), note
+
+
+def estimate(client: Any, requests: Sequence[Request], *, model: str, batch: bool, sample: int,
+             expected_output_tokens: int, price_in: float | None, price_out: float | None) -> Estimate:
+    """Input tokens from ``messages.count_tokens`` on up to ``sample`` requests, extrapolated by characters
+    (Claude's tokenizer is not public, and counting all of 65,536 prompts would take long); output tokens
+    as ``expected_output_tokens`` per reply and, as a ceiling, ``max_tokens``."""
+    import anthropic
+
+    n = len(requests)
+    chars = [r.prompt_chars() for r in requests]
+    total_chars = sum(chars)
+    method = f"≈{FALLBACK_CHARS_PER_TOKEN:g} characters per token (approximate)"
+    tokens = int(total_chars / FALLBACK_CHARS_PER_TOKEN)
+    count_tokens = getattr(client.messages, "count_tokens", None)  # not in SDKs before ~0.4x (beta only)
+    if sample > 0 and n and count_tokens is None:
+        method += "; this anthropic SDK has no messages.count_tokens (upgrade it for a counted estimate)"
+    elif sample > 0 and n:
+        k = min(sample, n)
+        idx = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+        try:
+            counted = 0
+            counted_chars = 0
+            for i in idx:
+                p = requests[i].params
+                kwargs = {"model": p["model"], "messages": p["messages"]}
+                if p.get("system"):
+                    kwargs["system"] = p["system"]
+                counted += int(count_tokens(**kwargs).input_tokens)
+                counted_chars += chars[i]
+            if counted_chars:
+                tokens = int(round(total_chars * counted / counted_chars))
+                method = (f"messages.count_tokens on {len(idx)} of {n} requests" +
+                          (", extrapolated by characters" if len(idx) < n else ""))
+        except anthropic.APIError as e:
+            method += f"; count_tokens failed ({type(e).__name__})"
+    max_tokens = int(requests[0].params.get("max_tokens", 0)) if requests else 0
+    price, note = model_price(model, batch, price_in, price_out)
+    return Estimate(n, tokens, method, expected_output_tokens * n, max_tokens * n, price, note)

@@ -1,0 +1,781 @@
+"""Top-activating examples for every latent of an SAE (``llama3-sae top-examples``).
+
+The original project credited each sentence only to its single strongest latent, so ~90% of latents
+never got an example. Here every (document, latent) pair competes for that latent's lists.
+
+Two streaming passes over the text source (``capture``'s reader, tokeniser and length-bucketed batches):
+
+1. **Scan.** Model + SAE over every document. For each group of documents the SAE code is reduced on the
+   device to dense [documents, latents] tables: max over tokens, mean over tokens, value at the last
+   token. These are merged into per-latent running top-N tables ([latents, N] values and document ids:
+   concatenate, ``topk``), so memory is bounded by N and the group size, not by the data. The same
+   merge keeps, per latent, a uniform random sample (a *reservoir*) of the documents it fired on: each
+   (document, latent) pair gets a fixed pseudo-random key from a hash, and the largest keys are kept,
+   which is order-independent, so a resumed run selects exactly what an uninterrupted one would. A
+   global reservoir of random documents is kept the same way. Per-latent counts (documents and tokens
+   fired on, max, sum) come along.
+2. **Detail.** The documents selected above (a small fraction) are read again and recomputed, this time
+   keeping each selected latent's per-token activations, and choosing for each latent random documents
+   from the global reservoir on which it never fires (for detection scoring).
+
+Selection per latent: top-N by max, mean and last; the reservoir split into activation quantile bins
+(equal counts, weakest first) with a few documents per bin for the labelling prompt and a few more held
+out for scoring (never documents already in a top list or shown in a bin).
+
+A leading ``<|begin_of_text|>`` (with ``--bos``, and always in chats) is never credited: it is an
+attention-sink outlier with huge activations. Its token still appears in the stored text.
+
+Resumable: the state (all tables, documents done, detail parts written) is saved atomically to
+``SAE_DIR/top_examples.work/`` every ``--checkpoint-every-s`` seconds at the end of a window; rerunning
+the same command continues from there. Output formats: see ``interpret.records``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from capture.config import SourceOptions
+
+from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
+                      LatentExamples)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WORK = "top_examples.work"
+STATE = "state.json"
+MASK31 = (1 << 31) - 1
+# Salts of the three independent pseudo-random streams.
+_SALT_RESERVOIR, _SALT_POOL, _SALT_RANDOM = 0x1B873593, 0x2E1B2138, 0x5F356495
+
+
+@dataclass
+class _TopTarget:
+    ckpt_dir: Path
+    """Checkpoint directory: Meta layout (params.json, consolidated.*.pth, tokenizer.model) or HF layout
+    (config.json, *.safetensors, tokenizer.model or original/tokenizer.model)."""
+    sae: Path
+    """SAE directory (or any layout load_sae reads); the examples are written into it (for another layout,
+    see --out)."""
+    data: tuple[Path, ...]
+    """Input files or directories (directories are searched recursively for .parquet, .jsonl, .txt, with
+    optional .gz for jsonl/txt). Files are read in the order given, directory contents in sorted order."""
+
+
+@dataclass
+class TopExamplesConfig(SourceOptions, _TopTarget):
+    """``llama3-sae top-examples``: the top-activating documents of every latent of an SAE, over a text
+    source, written beside the SAE (top_examples.jsonl + top_examples.json)."""
+
+    limit: int | None = None
+    """Read only the first N documents (after sentence splitting and shuffling)."""
+    top_n: int = 20
+    """Documents kept per latent for each aggregation (max over tokens, mean over tokens, last token)."""
+    n_quantiles: int = 5
+    """Activation-range bins (equal counts of the latent's activating documents)."""
+    quantile_examples: int = 3
+    """Documents per bin for the labelling prompt."""
+    score_examples: int = 2
+    """Documents per bin held out for detection scoring (so n_quantiles x this activating documents)."""
+    random_examples: int = 10
+    """Random documents per latent on which it never fires (for detection scoring)."""
+    reservoir: int = 200
+    """Size of each latent's uniform sample of activating documents, from which bins are cut."""
+    random_pool: int = 2000
+    """Size of the uniform sample of all documents from which the non-activating examples are drawn."""
+    sample_seed: int = 0
+    """Seed of the random samples (reservoirs and random documents)."""
+    max_tokens: int = 192
+    """Documents are cut to this many tokens (cut tokens are counted in the summary)."""
+    bos: bool = False
+    """Start each text document with <|begin_of_text|> (never credited to a latent; the original project
+    captured without it)."""
+    site: str | None = None
+    """Hook site the SAE reads, e.g. L8R; default: the site in the SAE's config (which must then say)."""
+    out: Path | None = None
+    """Output directory; default: the SAE directory."""
+    tokenizer: Path | None = None
+    """Tokenizer file; default: the one in --ckpt-dir."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
+    model_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Dtype the model computes in."""
+    tokens_per_batch: int = 8192
+    """Token budget of one forward pass (batch size x padded length)."""
+    window_docs: int = 4096
+    """Documents read ahead, tokenised and sorted by length into batches; also the unit of resumption."""
+    memory_mb: float = 1024.0
+    """Working memory on the device for the dense [tokens or documents, n_latents] tables, in MiB; the SAE
+    code and the aggregation are chunked to stay under it."""
+    checkpoint_every_s: float = 300.0
+    """Save the resumable state after a window when this many seconds have passed since the last save."""
+    progress: bool = True
+    """Show a progress bar."""
+    overwrite: bool = False
+    """Replace existing top examples (and an interrupted run's state made with other options)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.ckpt_dir, self.sae = Path(self.ckpt_dir), Path(self.sae)
+        if self.out is not None:
+            self.out = Path(self.out)
+        problems = []
+        for name, lo in (("top_n", 1), ("n_quantiles", 1), ("quantile_examples", 0), ("score_examples", 0),
+                         ("random_examples", 0), ("reservoir", 1), ("random_pool", 0), ("max_tokens", 1),
+                         ("tokens_per_batch", 1), ("window_docs", 1)):
+            if getattr(self, name) < lo:
+                problems.append(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+        if self.tokens_per_batch < self.max_tokens:
+            problems.append(f"--tokens-per-batch ({self.tokens_per_batch}) must be at least --max-tokens "
+                            f"({self.max_tokens}) so the longest document fits in a batch")
+        if self.model_dtype not in _DTYPES:
+            problems.append(f"--model-dtype must be one of {sorted(_DTYPES)}, got {self.model_dtype!r}")
+        if self.memory_mb <= 0:
+            problems.append(f"--memory-mb must be > 0, got {self.memory_mb}")
+        if self.random_examples > self.random_pool:
+            problems.append(f"--random-examples ({self.random_examples}) cannot exceed --random-pool "
+                            f"({self.random_pool})")
+        if problems:
+            raise ValueError("invalid top-examples options: " + "; ".join(problems))
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else self.sae
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the result; a resumed run must match them. The others (device, batch
+        budget, memory, checkpoint cadence, progress) may change between attempts."""
+        free = {"device", "tokens_per_batch", "memory_mb", "checkpoint_every_s", "progress", "overwrite"}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in free:
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, Path):
+                v = str(v.resolve())
+            elif isinstance(v, tuple):
+                v = [str(Path(x).resolve()) if isinstance(x, Path) else x for x in v]
+            out[f.name] = v
+        return out
+
+
+# ---------------------------------------------------------------------- hashing and merging
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    # Integer mixing on values < 2^31 with a multiplier < 2^27, so int64 products never overflow
+    # (overflow of signed integers is not something to rely on across devices).
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK31
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK31
+    return x ^ (x >> 16)
+
+
+def hash_keys(doc_ids: torch.Tensor, latents: torch.Tensor | None, seed: int, salt: int) -> torch.Tensor:
+    """Pseudo-random int64 keys in [0, 2^31): [G] for documents, [G, L] for (document, latent) pairs.
+    A fixed function of its inputs, so any order of processing keeps the same largest keys."""
+    h = _mix31((doc_ids & MASK31) ^ ((seed * 0x9E3779B1 + salt) & MASK31))
+    h = _mix31(h ^ (doc_ids >> 31))
+    if latents is not None:
+        h = _mix31(h[:, None] ^ latents[None, :])
+    return h
+
+
+def merge_top(vals: torch.Tensor, ids: torch.Tensor, cand_vals: torch.Tensor, cand_ids: torch.Tensor,
+              extra: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Keep the ``vals.shape[-1]`` largest of the running table and the candidates, along the last dim,
+    largest first; equal values are ordered by id (smaller first), so the result does not depend on the
+    order in which documents arrive (activations at a document's first token are often exactly equal).
+
+    vals/ids: [..., N]; cand_vals/cand_ids: [..., G] (cand_ids broadcast). ``extra`` = (running, candidate)
+    payload carried along (the reservoir's activation values)."""
+    n = vals.shape[-1]
+    v = torch.cat([vals, cand_vals], -1)
+    i = torch.cat([ids, cand_ids.expand_as(cand_vals)], -1)
+    by_id = i.argsort(dim=-1, stable=True)
+    order = by_id.gather(-1, v.gather(-1, by_id).argsort(dim=-1, descending=True, stable=True))[..., :n]
+    out = (v.gather(-1, order), i.gather(-1, order))
+    if extra is not None:
+        e = torch.cat([extra[0], extra[1]], -1)
+        out += (e.gather(-1, order),)
+    return out
+
+
+# ---------------------------------------------------------------------- the scan tables
+class Tables:
+    """Everything the scan keeps, on the device; saved and loaded as one safetensors file."""
+
+    def __init__(self, n_latents: int, cfg: TopExamplesConfig, device: torch.device):
+        L, N, R, P = n_latents, cfg.top_n, cfg.reservoir, cfg.random_pool
+        f32 = dict(dtype=torch.float32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.t: dict[str, torch.Tensor] = {}
+        for agg in AGGREGATIONS:
+            self.t[f"top_{agg}_val"] = torch.full((L, N), -torch.inf, **f32)
+            self.t[f"top_{agg}_doc"] = torch.full((L, N), -1, **i64)
+        self.t["res_key"] = torch.full((L, R), -1, **i64)
+        self.t["res_doc"] = torch.full((L, R), -1, **i64)
+        self.t["res_val"] = torch.zeros((L, R), **f32)
+        self.t["pool_key"] = torch.full((max(P, 1),), -1, **i64)
+        self.t["pool_doc"] = torch.full((max(P, 1),), -1, **i64)
+        self.t["active_docs"] = torch.zeros(L, **i64)
+        self.t["active_tokens"] = torch.zeros(L, **i64)
+        self.t["max"] = torch.zeros(L, **f32)
+        self.t["sum"] = torch.zeros(L, dtype=torch.float64, device=device)
+        # Filled by the detail pass: each latent's non-activating random documents.
+        self.t["rand_key"] = torch.full((L, max(cfg.random_examples, 1)), -1, **i64)
+        self.t["rand_doc"] = torch.full((L, max(cfg.random_examples, 1)), -1, **i64)
+
+    def cpu(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.t.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in self.t.items():
+            if k not in tensors or tensors[k].shape != v.shape:
+                raise ValueError(f"the saved top-examples state does not match this SAE/config (table {k}); "
+                                 "rerun with --overwrite to start over")
+            v.copy_(tensors[k])
+
+
+class Aggregator:
+    """Per-group SAE encoding and reduction to [documents, latents] tables, within a memory budget."""
+
+    def __init__(self, sae: Any, n_latents: int, memory_mb: float):
+        self.sae = sae
+        self.L = n_latents
+        budget = memory_mb * 2**20
+        # The encoder holds a dense [rows, L] pre-activation plus top-k temporaries (~3 copies of 4 bytes).
+        self.rows_per_chunk = max(1, int(budget // (n_latents * 12)))
+        # The reduction holds ~6 [docs, L] float32 tables, the int64 hash keys with their temporaries, and
+        # the [L, N + docs] concatenations of the merges: ~96 bytes per (document, latent).
+        self.docs_per_group = max(1, int(budget // (n_latents * 96)))
+
+    def codes(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(row offset, values [r, m] float32, indices [r, m]) of x [n, d], in row chunks."""
+        for r0 in range(0, x.shape[0], self.rows_per_chunk):
+            code = self.sae.encode(x[r0:r0 + self.rows_per_chunk], sparse=True)
+            yield r0, code.values.float(), code.indices
+
+    def reduce(self, x: torch.Tensor, tok_doc: torch.Tensor, tok_last: torch.Tensor, n_docs: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [n, d] credited tokens of ``n_docs`` documents (tok_doc: local index, tok_last: is the
+        document's last token) -> (max, sum, last) [n_docs, L] float32 and active-token counts [L]."""
+        L = self.L
+        dmax = x.new_zeros(n_docs * L, dtype=torch.float32)
+        dsum = torch.zeros_like(dmax)
+        dlast = torch.zeros_like(dmax)
+        active = torch.zeros(L, dtype=torch.int64, device=x.device)
+        for r0, vals, idx in self.codes(x):
+            r = vals.shape[0]
+            on = vals > 0  # padding slots of thresholded SAEs hold 0
+            flat = (tok_doc[r0:r0 + r, None] * L + idx)[on]
+            v = vals[on]
+            dmax.scatter_reduce_(0, flat, v, reduce="amax")
+            dsum.scatter_add_(0, flat, v)
+            last = (on & tok_last[r0:r0 + r, None])
+            dlast.scatter_(0, (tok_doc[r0:r0 + r, None] * L + idx)[last], vals[last])
+            active += torch.bincount(idx[on], minlength=L)
+        return dmax.view(n_docs, L), dsum.view(n_docs, L), dlast.view(n_docs, L), active
+
+
+def _groups(acts: torch.Tensor, keep: torch.Tensor, size: int
+            ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Split a batch [B, T, d] into document groups; yield (g0, g1, x [n, d], tok_doc [n], tok_pos [n],
+    tok_last [n]) for the credited tokens of each group."""
+    B, T = keep.shape
+    pos = torch.arange(T, device=keep.device)
+    for g0 in range(0, B, size):
+        g1 = min(B, g0 + size)
+        k = keep[g0:g1]
+        last_pos = torch.where(k, pos, -1).amax(1)  # [G] last credited position (-1: none)
+        rows = torch.arange(g1 - g0, device=keep.device)[:, None].expand(-1, T)
+        cols = pos[None, :].expand(g1 - g0, -1)
+        tok_doc, tok_pos = rows[k], cols[k]
+        yield g0, g1, acts[g0:g1][k], tok_doc, tok_pos, tok_pos == last_pos[tok_doc]
+
+
+# ---------------------------------------------------------------------- documents
+@dataclass
+class _Loaded:
+    model: Any
+    sae: Any
+    tokenizer: Any
+    chat_format: Any
+    site: str
+    device: torch.device
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def load_everything(cfg: TopExamplesConfig) -> _Loaded:
+    from llama3.checkpoint import check_vocab, find_tokenizer, load_model
+    from llama3.model import site_name
+    from llama3.tokenizer import ChatFormat, Tokenizer
+    from sae import load_sae
+
+    device = _resolve_device(cfg.device)
+    sae = load_sae(cfg.sae, site=cfg.site, device=device)
+    if sae.cfg.site is None:
+        raise ValueError(f"{cfg.sae}: the SAE's config names no hook site; pass --site (e.g. --site L8R)")
+    site = site_name(sae.cfg.site)
+    tokenizer = Tokenizer(cfg.tokenizer or find_tokenizer(cfg.ckpt_dir))
+    model = load_model(cfg.ckpt_dir, device=device, dtype=_DTYPES[cfg.model_dtype], store_layer_activ=[site])
+    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir)
+    if model.params.dim != sae.cfg.d_model:
+        raise ValueError(f"the SAE reads d_model={sae.cfg.d_model} but the model in {cfg.ckpt_dir} has dim="
+                         f"{model.params.dim}: this SAE belongs to another model ({sae.cfg.model_name or 'unnamed'})")
+    if cfg.max_tokens > model.rope_cos.shape[0]:
+        raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
+    sae.eval()
+    return _Loaded(model, sae, tokenizer, ChatFormat(tokenizer), site, device)
+
+
+def _windows(cfg: TopExamplesConfig, skip: int) -> Iterator[list[Any]]:
+    """Windows of ``window_docs`` documents from document ``skip`` on (a window boundary)."""
+    from capture.sources import iter_documents
+
+    docs = iter_documents(cfg)
+    for _ in range(skip):
+        if next(docs, None) is None:
+            raise ValueError(f"the input has fewer documents than the {skip} the interrupted run already read; "
+                             "the data under --data changed since. Rerun with --overwrite to start over")
+    window: list[Any] = []
+    for doc in docs:
+        window.append(doc)
+        if len(window) == cfg.window_docs:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+def _batches(window: list[Any], cfg: TopExamplesConfig, lo: _Loaded, counters: dict[str, int]):
+    """Tokenised, length-bucketed, right-padded batches of a window: (tokens [B, T], keep [B, T] credited
+    positions, doc ids [B], ids per row)."""
+    from capture.batching import collate, encode_window, plan_batches
+
+    enc = encode_window(window, lo.tokenizer, lo.chat_format, bos=cfg.bos, max_tokens=cfg.max_tokens,
+                        counters=counters)
+    if not enc:
+        return
+    for idx in plan_batches([len(e.ids) for e in enc], cfg.tokens_per_batch):
+        docs = [enc[i] for i in idx]
+        skip_first = [e.ids[0] == lo.tokenizer.bos_id for e in docs]
+        batch = collate(docs, pad_id=0, skip_first=skip_first)
+        yield batch.tokens, batch.keep, torch.tensor([e.doc_id for e in docs], dtype=torch.int64), docs
+
+
+# ---------------------------------------------------------------------- state on disk
+class WorkDir:
+    def __init__(self, path: Path):
+        self.path = path
+        self.state_path = path / STATE
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.state_path.exists():
+            return None
+        return json.loads(self.state_path.read_text())
+
+    def save(self, state: dict[str, Any], tables: Tables) -> None:
+        from safetensors.torch import save_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        n = int(state.get("saves", 0)) + 1
+        name = f"tables-{n:06d}.safetensors"
+        tmp = self.path / (name + ".tmp")
+        save_file(tables.cpu(), str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, self.path / name)
+        old = state.get("tables")
+        state.update(saves=n, tables=name)
+        tmpj = self.path / (STATE + ".tmp")
+        tmpj.write_text(json.dumps(state, indent=1))
+        _fsync(tmpj)
+        os.replace(tmpj, self.state_path)  # the commit point: tables and parts named here are complete
+        if old and old != name:
+            (self.path / old).unlink(missing_ok=True)
+
+    def load_tables(self, state: dict[str, Any], tables: Tables) -> None:
+        from safetensors.torch import load_file
+
+        tables.load(load_file(str(self.path / state["tables"])))
+
+    def write_part(self, n: int, arrays: dict[str, np.ndarray]) -> str:
+        from safetensors.numpy import save_file
+
+        name = f"part-{n:06d}.safetensors"
+        tmp = self.path / (name + ".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        _fsync(tmp)
+        os.replace(tmp, self.path / name)
+        return name
+
+    def read_part(self, name: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        return load_file(str(self.path / name))
+
+    def remove_uncommitted(self, state: dict[str, Any]) -> None:
+        keep = {state.get("tables"), STATE, "config.json", *state.get("parts", [])}
+        for f in self.path.iterdir():
+            if f.name not in keep:
+                f.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------- selection
+@dataclass
+class Selection:
+    """What the scan chose, per latent (CPU, Python lists)."""
+
+    top: dict[str, list[list[tuple[int, float]]]]
+    quantiles: list[list[dict[str, Any]]]
+    score_active: list[list[tuple[int, float]]]
+    pool: list[int]
+
+    def pairs(self) -> np.ndarray:
+        """[n, 2] (doc, latent) pairs whose per-token activations the detail pass records, sorted."""
+        out: list[tuple[int, int]] = []
+        for lat in range(len(self.quantiles)):
+            docs = {d for agg in AGGREGATIONS for d, _ in self.top[agg][lat]}
+            docs |= {d for q in self.quantiles[lat] for d, _ in q["examples"]}
+            docs |= {d for d, _ in self.score_active[lat]}
+            out += [(d, lat) for d in docs]
+        arr = np.array(sorted(out), dtype=np.int64).reshape(-1, 2)
+        return arr
+
+
+def select(tables: dict[str, torch.Tensor], cfg: TopExamplesConfig) -> Selection:
+    L = tables["max"].shape[0]
+    top: dict[str, list[list[tuple[int, float]]]] = {}
+    for agg in AGGREGATIONS:
+        vals, docs = tables[f"top_{agg}_val"].tolist(), tables[f"top_{agg}_doc"].tolist()
+        top[agg] = [[(d, v) for d, v in zip(docs[i], vals[i]) if d >= 0 and v > -float("inf")] for i in range(L)]
+    keys, rdocs, rvals = tables["res_key"].tolist(), tables["res_doc"].tolist(), tables["res_val"].tolist()
+    quantiles, score_active = [], []
+    for lat in range(L):
+        in_top = {d for agg in AGGREGATIONS for d, _ in top[agg][lat]}
+        items = sorted((v, -k, d) for k, d, v in zip(keys[lat], rdocs[lat], rvals[lat]) if k >= 0)
+        n = len(items)
+        bins, held = [], []
+        used = set(in_top)
+        for b in range(cfg.n_quantiles):
+            chunk = items[b * n // cfg.n_quantiles:(b + 1) * n // cfg.n_quantiles]
+            if not chunk:
+                continue
+            lo, hi = chunk[0][0], chunk[-1][0]
+            # Within a bin, documents in key order: a uniform random order, fixed by the seed.
+            order = sorted(chunk, key=lambda t: t[1])
+            free = [(d, v) for v, _, d in order if d not in used]
+            shown = free[: cfg.quantile_examples]
+            used |= {d for d, _ in shown}
+            bins.append({"lo": lo, "hi": hi, "examples": sorted(shown, key=lambda t: t[1])})
+            held_bin = [(d, v) for d, v in free[cfg.quantile_examples:] if d not in used][: cfg.score_examples]
+            used |= {d for d, _ in held_bin}
+            held += held_bin
+        quantiles.append(bins)
+        score_active.append(held)
+    pool = sorted(d for d, k in zip(tables["pool_doc"].tolist(), tables["pool_key"].tolist()) if k >= 0)
+    return Selection(top, quantiles, score_active, pool if cfg.random_pool > 0 else [])
+
+
+# ---------------------------------------------------------------------- the run
+def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
+    """Run (or resume) both passes and write the output files; returns the path of top_examples.jsonl."""
+    from rich.console import Console
+
+    from apps.config import save_config
+
+    console = console or Console(stderr=True)
+    out_dir = cfg.out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not a directory: the examples are written into a directory; "
+                         "pass --out DIR (and later `llama3-sae interpret --sae DIR`)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / EXAMPLES_FILE
+    work = WorkDir(out_dir / WORK)
+    meta_path = out_dir / EXAMPLES_META
+    if cfg.overwrite:
+        shutil.rmtree(work.path, ignore_errors=True)
+    elif meta_path.exists() and json.loads(meta_path.read_text()).get("complete") and final.exists():
+        raise ValueError(f"{final} exists already; pass --overwrite to compute it again")
+    state = work.load()
+    ident = cfg.identity()
+    if state is not None and state["identity"] != ident:
+        diff = sorted(k for k in set(ident) | set(state["identity"]) if ident.get(k) != state["identity"].get(k))
+        raise ValueError(f"{work.path} holds an interrupted run made with other options ({', '.join(diff)}); rerun "
+                         "it with the same options to finish it, or pass --overwrite to start over")
+    lo = load_everything(cfg)
+    L = lo.sae.cfg.n_latents
+    tables = Tables(L, cfg, lo.device)
+    if state is None:
+        state = {"identity": ident, "phase": "scan", "docs_done": 0, "detail_docs_done": 0, "parts": [],
+                 "counters": {}, "saves": 0, "tables": None, "started": time.time()}
+        work.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, work.path / "config.json")
+    else:
+        work.load_tables(state, tables)
+        work.remove_uncommitted(state)
+        console.print(f"resuming top-examples: {state['phase']} pass, {state['docs_done']:,} documents scanned")
+    agg = Aggregator(lo.sae, L, cfg.memory_mb)
+    with torch.inference_mode():
+        if state["phase"] == "scan":
+            _scan(cfg, lo, agg, tables, work, state, console)
+            state["phase"] = "detail"
+            work.save(state, tables)
+        selection = select(tables.cpu(), cfg)
+        if state["phase"] == "detail":
+            _detail(cfg, lo, agg, tables, selection, work, state, console)
+            state["phase"] = "write"
+            work.save(state, tables)
+    _write_output(cfg, lo, tables.cpu(), selection, work, state, console)
+    shutil.rmtree(work.path, ignore_errors=True)
+    return final
+
+
+def _progress(cfg: TopExamplesConfig, console: Any, what: str, unit: str = "docs"):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    disable=not cfg.progress)
+
+
+def _total_docs(cfg: TopExamplesConfig) -> int | None:
+    from capture.sources import count_records, resolve_files
+
+    total = cfg.limit
+    if not cfg.split_sentences:
+        n = count_records(resolve_files(cfg.data, cfg.format))
+        total = n if total is None else (min(total, n) if n is not None else total)
+    return total
+
+
+def _scan(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, work: WorkDir,
+          state: dict[str, Any], console: Any) -> None:
+    t = tables.t
+    L = agg.L
+    latents = torch.arange(L, device=lo.device)
+    counters: dict[str, int] = dict(state["counters"])
+    last_save = time.monotonic()
+    t0, tokens_run = time.monotonic(), 0
+    with _progress(cfg, console, "top-examples: scan") as bar:
+        task = bar.add_task("scan", total=_total_docs(cfg), completed=state["docs_done"], rate="")
+        for window in _windows(cfg, state["docs_done"]):
+            for tokens, keep, doc_ids, _ in _batches(window, cfg, lo, counters):
+                acts = lo.model.forward_activations(tokens.to(lo.device))[lo.site]  # [B, T, d]
+                keep = keep.to(lo.device)
+                doc_ids = doc_ids.to(lo.device)
+                for g0, g1, x, tok_doc, _, tok_last in _groups(acts, keep, agg.docs_per_group):
+                    G = g1 - g0
+                    ids = doc_ids[g0:g1]
+                    n_credit = keep[g0:g1].sum(1)
+                    dmax, dsum, dlast, active = agg.reduce(x, tok_doc, tok_last, G)
+                    dmean = dsum / n_credit.clamp_min(1)[:, None]
+                    fired = dmax > 0  # [G, L]
+                    t["active_docs"] += fired.sum(0)
+                    t["active_tokens"] += active
+                    t["max"] = torch.maximum(t["max"], dmax.amax(0))
+                    t["sum"] += dsum.sum(0, dtype=torch.float64)
+                    ninf = torch.tensor(-torch.inf, device=lo.device)
+                    for name, table in (("max", dmax), ("mean", dmean), ("last", dlast)):
+                        cand = torch.where(table > 0, table, ninf).T  # [L, G]
+                        t[f"top_{name}_val"], t[f"top_{name}_doc"] = merge_top(
+                            t[f"top_{name}_val"], t[f"top_{name}_doc"], cand, ids[None, :])
+                    keys = torch.where(fired, hash_keys(ids, latents, cfg.sample_seed, _SALT_RESERVOIR), -1).T
+                    t["res_key"], t["res_doc"], t["res_val"] = merge_top(
+                        t["res_key"], t["res_doc"], keys, ids[None, :], extra=(t["res_val"], dmax.T))
+                    if cfg.random_pool > 0:
+                        # Only documents with a credited token: an all-BOS document says nothing.
+                        pk = torch.where(n_credit > 0, hash_keys(ids, None, cfg.sample_seed, _SALT_POOL), -1)
+                        t["pool_key"], t["pool_doc"] = merge_top(t["pool_key"], t["pool_doc"], pk, ids)
+                    counters["tokens"] = counters.get("tokens", 0) + int(n_credit.sum())
+                    tokens_run += int(n_credit.sum())
+            state["docs_done"] += len(window)
+            counters["docs"] = state["docs_done"]
+            state["counters"] = counters
+            rate = tokens_run / max(time.monotonic() - t0, 1e-9)
+            bar.update(task, completed=state["docs_done"], rate=f"{rate:,.0f} tok/s")
+            if time.monotonic() - last_save >= cfg.checkpoint_every_s:
+                work.save(state, tables)
+                last_save = time.monotonic()
+    if not state["docs_done"]:
+        raise ValueError(f"no documents in --data {', '.join(map(str, cfg.data))}")
+
+
+def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, sel: Selection, work: WorkDir,
+            state: dict[str, Any], console: Any) -> None:
+    t = tables.t
+    L = agg.L
+    pairs = sel.pairs()  # [n, 2] (doc, latent), sorted
+    pair_docs = np.unique(pairs[:, 0]) if len(pairs) else np.zeros(0, np.int64)
+    pool = np.array(sel.pool, dtype=np.int64)
+    wanted = np.union1d(pair_docs, pool)
+    latents = torch.arange(L, device=lo.device)
+    buf: dict[str, list[np.ndarray]] = {k: [] for k in ("doc", "latent", "pos", "value",
+                                                        "tok_doc", "tok_len", "tok_ids")}
+    counters: dict[str, int] = {}
+    last_save = time.monotonic()
+
+    def flush() -> None:
+        if buf["tok_doc"]:
+            arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in buf.items()}
+            arrays["value"] = arrays["value"].astype(np.float32)
+            state["parts"].append(work.write_part(len(state["parts"]) + 1, arrays))
+            for v in buf.values():
+                v.clear()
+        work.save(state, tables)
+
+    with _progress(cfg, console, "top-examples: detail") as bar:
+        task = bar.add_task("detail", total=state["docs_done"], completed=state["detail_docs_done"], rate="")
+        for window in _windows(cfg, state["detail_docs_done"]):
+            ids_w = np.array([d.doc_id for d in window], dtype=np.int64)
+            chosen = [d for d, keep in zip(window, np.isin(ids_w, wanted)) if keep]
+            for tokens, keep, doc_ids, docs in _batches(chosen, cfg, lo, counters):
+                acts = lo.model.forward_activations(tokens.to(lo.device))[lo.site]
+                keep = keep.to(lo.device)
+                for g0, g1, x, tok_doc, tok_pos, _ in _groups(acts, keep, agg.docs_per_group):
+                    G = g1 - g0
+                    gdocs = doc_ids[g0:g1].numpy()
+                    # need[g, latent]: this document's per-token activations are wanted for this latent.
+                    need = torch.zeros(G * L, dtype=torch.bool)
+                    lo_i, hi_i = np.searchsorted(pairs[:, 0], gdocs), np.searchsorted(pairs[:, 0], gdocs, "right")
+                    for g in range(G):
+                        lat = pairs[lo_i[g]:hi_i[g], 1]
+                        need[g * L + torch.from_numpy(lat)] = True
+                    need = need.view(G, L).to(lo.device)
+                    dmax = x.new_zeros(G * L, dtype=torch.float32)
+                    for r0, vals, idx in agg.codes(x):
+                        r = vals.shape[0]
+                        td = tok_doc[r0:r0 + r, None].expand_as(idx)
+                        on = vals > 0
+                        dmax.scatter_reduce_(0, (td * L + idx)[on], vals[on], reduce="amax")
+                        hit = on & need[td, idx]
+                        if bool(hit.any()):
+                            buf["doc"].append(doc_ids[g0:g1].to(lo.device)[td[hit]].cpu().numpy())
+                            buf["latent"].append(idx[hit].cpu().numpy())
+                            buf["pos"].append(tok_pos[r0:r0 + r, None].expand_as(idx)[hit].cpu().numpy())
+                            buf["value"].append(vals[hit].cpu().numpy())
+                    # Random non-activating documents: pool documents on which the latent is 0 everywhere.
+                    in_pool = torch.from_numpy(np.isin(gdocs, pool)).to(lo.device)
+                    if cfg.random_examples > 0 and bool(in_pool.any()):
+                        gid = doc_ids[g0:g1].to(lo.device)
+                        quiet = (dmax.view(G, L) == 0) & in_pool[:, None]
+                        keys = torch.where(quiet, hash_keys(gid, latents, cfg.sample_seed, _SALT_RANDOM), -1).T
+                        t["rand_key"], t["rand_doc"] = merge_top(t["rand_key"], t["rand_doc"], keys, gid[None, :])
+                # Tokens of every recomputed document (activating ones and the random pool) for the output.
+                buf["tok_doc"].append(np.array([e.doc_id for e in docs], dtype=np.int64))
+                buf["tok_len"].append(np.array([len(e.ids) for e in docs], dtype=np.int64))
+                buf["tok_ids"].append(np.array([i for e in docs for i in e.ids], dtype=np.int64))
+            state["detail_docs_done"] += len(window)
+            bar.update(task, completed=state["detail_docs_done"])
+            if time.monotonic() - last_save >= cfg.checkpoint_every_s:
+                flush()
+                last_save = time.monotonic()
+    flush()
+
+
+# ---------------------------------------------------------------------- output
+class _Pieces:
+    """Token ids -> text pieces whose concatenation is the exact decoded text (a character split over
+    several tokens goes to the token that completes it)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, bytes] = {}
+
+    def __call__(self, ids: list[int]) -> list[str]:
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = []
+        for i in ids:
+            b = self.cache.get(i)
+            if b is None:
+                b = self.cache[i] = self.tokenizer.decode_bytes([i])
+            out.append(dec.decode(b))
+        tail = dec.decode(b"", final=True)
+        if tail and out:
+            out[-1] += tail
+        return out
+
+
+def _write_output(cfg: TopExamplesConfig, lo: _Loaded, tables: dict[str, torch.Tensor], sel: Selection,
+                  work: WorkDir, state: dict[str, Any], console: Any) -> None:
+    L = tables["max"].shape[0]
+    parts = [work.read_part(p) for p in state["parts"]]
+    cat = lambda k, dt: np.concatenate([p[k] for p in parts]).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
+    doc, lat, pos, val = cat("doc", np.int64), cat("latent", np.int64), cat("pos", np.int64), cat("value", np.float32)
+    order = np.lexsort((pos, doc, lat))
+    doc, lat, pos, val = doc[order], lat[order], pos[order], val[order]
+    starts = np.searchsorted(lat, np.arange(L + 1))
+    tok_docs, tok_lens, tok_flat = cat("tok_doc", np.int64), cat("tok_len", np.int64), cat("tok_ids", np.int64)
+    offsets = np.concatenate([[0], np.cumsum(tok_lens)])
+    doc_tokens = {int(d): (int(offsets[i]), int(offsets[i + 1])) for i, d in enumerate(tok_docs)}
+    rand_doc, rand_key = tables["rand_doc"].tolist(), tables["rand_key"].tolist()
+    pieces = _Pieces(lo.tokenizer)
+    counters = state["counters"]
+    n_docs, n_tokens = int(counters.get("docs", 0)), int(counters.get("tokens", 0))
+    a_docs, a_toks = tables["active_docs"].tolist(), tables["active_tokens"].tolist()
+    mx, sm = tables["max"].tolist(), tables["sum"].tolist()
+    tmp = cfg.out_dir / (EXAMPLES_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f, _progress(cfg, console, "top-examples: write", "latents") as bar:
+        task = bar.add_task("write", total=L, rate="")
+        for latent in range(L):
+            bar.advance(task)
+            s, e = starts[latent], starts[latent + 1]
+            acts: dict[int, list[tuple[int, float]]] = {}
+            for d, p, v in zip(doc[s:e].tolist(), pos[s:e].tolist(), val[s:e].tolist()):
+                acts.setdefault(d, []).append((p, v))
+            # A latent that never fired gets no random documents: there is nothing to score them against.
+            random_docs = [d for d, k in zip(rand_doc[latent], rand_key[latent]) if k >= 0 and a_docs[latent] > 0]
+            random_docs = random_docs[: cfg.random_examples]
+            rec = LatentExamples(
+                latent=latent,
+                stats={"docs": n_docs, "tokens": n_tokens, "active_docs": a_docs[latent],
+                       "active_tokens": a_toks[latent], "max": mx[latent], "sum": sm[latent]},
+                top={a: sel.top[a][latent] for a in AGGREGATIONS}, quantiles=sel.quantiles[latent],
+                score_active=sel.score_active[latent], score_random=random_docs)
+            shown = {d for a in AGGREGATIONS for d, _ in rec.top[a]}
+            shown |= {d for q in rec.quantiles for d, _ in q["examples"]}
+            shown |= {d for d, _ in rec.score_active} | set(random_docs)
+            for d in sorted(shown):
+                if d not in doc_tokens:
+                    raise RuntimeError(f"internal error: document {d} of latent {latent} was not recomputed")
+                a, b = doc_tokens[d]
+                rec.docs[d] = DocExample(d, pieces(tok_flat[a:b].tolist()), acts.get(d, []))
+            f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, cfg.out_dir / EXAMPLES_FILE)
+    from apps.config import to_jsonable
+
+    meta = {"format": EXAMPLES_FORMAT, "version": EXAMPLES_VERSION, "complete": True, "config": to_jsonable(cfg),
+            "sae": str(cfg.sae.resolve()), "site": lo.site, "model": lo.sae.cfg.model_name,
+            "n_latents": L, "docs": n_docs, "tokens": n_tokens, "aggregations": list(AGGREGATIONS),
+            "counters": counters, "dead_latents": int(sum(1 for x in a_docs if x == 0))}
+    mtmp = cfg.out_dir / (EXAMPLES_META + ".tmp")
+    mtmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(mtmp, cfg.out_dir / EXAMPLES_META)
+    cut = (f"; {counters['truncated_docs']:,} documents cut to --max-tokens {cfg.max_tokens} "
+           f"({counters.get('truncated_tokens', 0):,} tokens left out)" if counters.get("truncated_docs") else "")
+    empty = f"; {counters['empty_docs']:,} empty documents skipped" if counters.get("empty_docs") else ""
+    console.print(f"top examples of {L:,} latents over {n_docs:,} documents ({n_tokens:,} tokens) -> "
+                  f"{cfg.out_dir / EXAMPLES_FILE}; {meta['dead_latents']:,} latents never fired{cut}{empty}")

@@ -1,0 +1,248 @@
+"""Labels for latents: from Claude (Message Batches or synchronous calls) or a local heuristic.
+
+``run_interpret(cfg)`` reads the top examples beside the SAE, builds one request per live latent
+(``custom_id`` = the latent index), shows the token count and cost estimate, asks before sending, runs
+the job through ``JobRunner`` (resumable; see ``batch_client``), and merges every parsed label into
+``SAE_DIR/latents.jsonl``. Replies that cannot be parsed stay in ``SAE_DIR/interpret/labels.results.jsonl``
+with their raw text and reason, and are listed in the summary.
+
+``heuristic_labels(sae_dir)`` is the no-API fallback (used by the demo): each latent gets the tokens that
+carry most of its activation in its top examples, with ``source`` saying it is a heuristic.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+from .batch_client import Estimate, JobRunner, Outcome, Request, RunnerOptions, RunSummary, estimate, make_client
+from .config import InterpretConfig, LLMJobConfig
+from .parsing import ParseError, parse_label
+from .prompts import LABEL_SYSTEM, PromptOptions, label_prompt, message_params
+from .records import LatentExamples, iter_examples, parse_latent_spec, read_examples_meta, read_latents, write_latents
+
+HEURISTIC_SOURCE = "heuristic:top-tokens (no LLM; most activation-weighted firing tokens of the top examples)"
+
+
+# ---------------------------------------------------------------------- requests and replies
+def label_requests(records: Iterable[LatentExamples], cfg: InterpretConfig) -> tuple[list[Request], list[int]]:
+    """One request per latent with examples, and the latents left out because they never fired."""
+    opts = PromptOptions(top=cfg.prompt_top, per_quantile=cfg.prompt_per_quantile)
+    requests, dead = [], []
+    for rec in records:
+        if rec.is_dead or not rec.docs:
+            dead.append(rec.latent)
+            continue
+        user, shown = label_prompt(rec, opts)
+        params = message_params(cfg.model, cfg.max_tokens, LABEL_SYSTEM, user, cfg.thinking)
+        requests.append(Request(str(rec.latent), params, {"latent": rec.latent, "model": cfg.model, "docs": shown}))
+    return requests, dead
+
+
+def handle_label_reply(outcome: Outcome, meta: dict[str, Any]) -> dict[str, Any]:
+    """A succeeded reply -> the fields of its results line (``status`` ok or parse_error)."""
+    latent = int(outcome.custom_id)
+    try:
+        ans = parse_label(outcome.text)
+    except ParseError as e:
+        why = str(e)
+        if outcome.stop_reason == "max_tokens":
+            why += " (the reply hit --max-tokens; raise it)"
+        return {"latent": latent, "status": "parse_error", "error": why, "raw": outcome.text}
+    rec: dict[str, Any] = {"latent": latent, "status": "ok", "label": ans.label, "certainty": ans.certainty,
+                           "reasoning": ans.reasoning, "source": str(meta.get("model", ""))}
+    if ans.certainty_raw is not None:
+        rec["certainty_raw"] = ans.certainty_raw
+    if ans.warning:
+        rec["warning"] = ans.warning
+    return rec
+
+
+# ---------------------------------------------------------------------- latents.jsonl
+def merge_labels(sae_dir: Path, results: Iterable[dict[str, Any]], source: str) -> int:
+    """Put each ``ok`` result's label into latents.jsonl (the latest result per latent wins). Scores that
+    belonged to a different label are dropped, since they measured that label. Returns how many changed."""
+    latest: dict[int, dict[str, Any]] = {}
+    for r in results:
+        if r.get("status") == "ok" and "label" in r:
+            latest[int(r["latent"])] = r
+    if not latest:
+        return 0
+    current = read_latents(sae_dir)
+    changed = 0
+    for latent, r in latest.items():
+        old = current.get(latent, {})
+        new = dict(old)
+        new.update(latent=latent, label=r["label"], certainty=r.get("certainty"),
+                   source=r.get("source") or source)
+        if r.get("reasoning"):
+            new["reasoning"] = r["reasoning"]
+        else:
+            new.pop("reasoning", None)
+        if old.get("label") != r["label"]:
+            new["scores"] = {}
+        new.setdefault("scores", {})
+        if new != old:
+            current[latent] = new
+            changed += 1
+    if changed:
+        write_latents(sae_dir, current)
+    return changed
+
+
+def heuristic_label(rec: LatentExamples, n_tokens: int = 3) -> dict[str, Any] | None:
+    """The tokens carrying the most activation over the latent's top examples, or None for a dead latent.
+    Certainty = the share of that activation on the listed tokens (concentrated latents score high)."""
+    mass: Counter[str] = Counter()
+    docs = {d for agg in rec.top.values() for d, _ in agg} & set(rec.docs)
+    for d in docs:
+        ex = rec.docs[d]
+        for pos, v in ex.acts:
+            piece = ex.tokens[pos]
+            # Whitespace tokens keep a visible spelling (repr) instead of becoming ''.
+            mass[piece.strip() or repr(piece)] += v
+    total = sum(mass.values())
+    if total <= 0:
+        return None
+    top = mass.most_common(n_tokens)
+    label = "fires on " + ", ".join(f"'{t}'" for t, _ in top)
+    return {"latent": rec.latent, "status": "ok", "label": label,
+            "certainty": round(sum(v for _, v in top) / total, 4), "source": HEURISTIC_SOURCE}
+
+
+def heuristic_labels(sae_dir: str | Path, latents: Iterable[int] | None = None, *,
+                     overwrite_llm_labels: bool = False) -> dict[str, int]:
+    """Label ``latents`` (all when None) of the SAE in ``sae_dir`` with ``heuristic_label`` and merge them into
+    its latents.jsonl. Labels from an LLM are kept unless ``overwrite_llm_labels``. Returns counts:
+    ``labelled``, ``dead`` (never fired), ``kept_llm`` (left alone)."""
+    sae_dir = Path(sae_dir)
+    existing = read_latents(sae_dir)
+    out, dead, kept = [], 0, 0
+    for rec in iter_examples(sae_dir, latents):
+        old = existing.get(rec.latent)
+        if (old and not overwrite_llm_labels and old.get("label")
+                and not str(old.get("source", "")).startswith("heuristic")):
+            kept += 1
+            continue
+        lab = heuristic_label(rec)
+        if lab is None:
+            dead += 1
+        else:
+            out.append(lab)
+    merge_labels(sae_dir, out, HEURISTIC_SOURCE)
+    return {"labelled": len(out), "dead": dead, "kept_llm": kept}
+
+
+# ---------------------------------------------------------------------- confirmation
+def show_estimate(console: Console, est: Estimate, *, what: str, mode: str, n_batches: int | None) -> None:
+    table = Table(title=f"{what}: about to send", show_header=False)
+    table.add_row("requests", f"{est.n_requests:,}" + (f" in {n_batches} batch(es)" if n_batches else ""))
+    table.add_row("mode", mode)
+    table.add_row("input tokens", f"{est.input_tokens:,} ({est.input_method})")
+    table.add_row("output tokens", f"≈{est.output_tokens_expected:,} expected, at most {est.output_tokens_max:,}")
+    cost_exp, cost_max = est.cost(est.output_tokens_expected), est.cost(est.output_tokens_max)
+    if cost_exp is None:
+        table.add_row("cost", est.price_note)
+    else:
+        table.add_row("cost", f"≈${cost_exp:,.2f} expected, at most ${cost_max:,.2f} ({est.price_note})")
+    console.print(table)
+
+
+def make_confirm(console: Console, cfg: LLMJobConfig, client: Any, what: str,
+                 n_batches_of: Callable[[list[Request]], int]) -> Callable[[list[Request]], bool]:
+    """The confirmation step: estimate, table, then --yes, a y/N question, or (no terminal) a clear refusal."""
+    def confirm(pending: list[Request]) -> bool:
+        est = estimate(client, pending, model=cfg.model, batch=not cfg.sync, sample=cfg.count_tokens_sample,
+                       expected_output_tokens=cfg.expected_output_tokens, price_in=cfg.price_input_per_mtok,
+                       price_out=cfg.price_output_per_mtok)
+        mode = "synchronous messages.create (full price)" if cfg.sync else "Message Batches (50% price, up to 24 h)"
+        show_estimate(console, est, what=what, mode=mode, n_batches=None if cfg.sync else n_batches_of(pending))
+        if cfg.yes:
+            return True
+        if not sys.stdin.isatty():
+            raise SystemExit(f"not sending {len(pending)} requests: there is no terminal to confirm on; pass --yes "
+                             "to send without asking")
+        answer = console.input("Send? [y/N] ").strip().lower()
+        if answer not in ("y", "yes"):
+            console.print("nothing sent")
+            return False
+        return True
+
+    return confirm
+
+
+def runner_options(cfg: LLMJobConfig) -> RunnerOptions:
+    return RunnerOptions(max_requests_per_batch=cfg.max_requests_per_batch, max_batch_mb=cfg.max_batch_mb,
+                         poll_interval_s=cfg.poll_interval_s, max_attempts=cfg.max_attempts,
+                         retry_failed=cfg.retry_failed, progress=cfg.progress)
+
+
+def check_sync_limit(cfg: LLMJobConfig, n: int) -> None:
+    if cfg.sync and n > cfg.sync_limit:
+        raise ValueError(f"--sync would send {n} requests one by one (limit {cfg.sync_limit}); use batches (drop "
+                         "--sync, half the price), choose fewer --latents, or raise --sync-limit")
+
+
+def print_summary(console: Console, summary: RunSummary, what: str, failures: list[dict[str, Any]],
+                  results_path: Path) -> None:
+    console.print(f"{what}: {summary.ok:,} ok, {summary.failed:,} failed; sent {summary.sent:,} requests in this run"
+                  + (f" ({summary.batches_created} new batch(es))" if summary.batches_created else "")
+                  + (f"; replies read: {summary.input_tokens:,} input / {summary.output_tokens:,} output tokens"
+                     if summary.input_tokens or summary.output_tokens else ""))
+    if failures:
+        console.print(f"[yellow]{len(failures)} failed (details and raw replies in {results_path}; "
+                      "--retry-failed sends them again):[/]")
+        for r in failures[:10]:
+            why = r.get("error") if isinstance(r.get("error"), str) else (r.get("error") or {}).get("type", r["status"])
+            console.print(f"  latent {r['custom_id']}: {r['status']}: {why}")
+        if len(failures) > 10:
+            console.print(f"  ... and {len(failures) - 10} more")
+
+
+def final_failures(runner: JobRunner, custom_ids: Iterable[str]) -> list[dict[str, Any]]:
+    return [s.last for s in runner.statuses(custom_ids).values()
+            if s.done and s.last is not None and s.last.get("status") != "ok"]
+
+
+# ---------------------------------------------------------------------- the command
+def run_interpret(cfg: InterpretConfig, *, console: Console | None = None, client: Any = None) -> int:
+    """Label the selected latents; returns the process exit code (0 when every request ended ok)."""
+    console = console or Console(stderr=True)
+    meta = read_examples_meta(cfg.sae)
+    latents = parse_latent_spec(cfg.latents, meta.get("n_latents"))
+    if cfg.heuristic:
+        counts = heuristic_labels(cfg.sae, latents, overwrite_llm_labels=cfg.overwrite_llm_labels)
+        console.print(f"heuristic labels: {counts['labelled']:,} written to {cfg.sae / 'latents.jsonl'}; "
+                      f"{counts['dead']:,} latents never fired; {counts['kept_llm']:,} LLM labels kept")
+        return 0
+    requests, dead = label_requests(iter_examples(cfg.sae, latents), cfg)
+    if dead:
+        console.print(f"{len(dead):,} latents never fired on the examples' text and are not sent "
+                      f"(first: {dead[:10]})")
+    if not requests:
+        console.print("no latents to label")
+        return 0
+    check_sync_limit(cfg, len(requests))
+    client = client if client is not None else make_client(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s)
+    runner = JobRunner(client, cfg.workdir, "labels", runner_options(cfg), console=console, redo=cfg.redo)
+    confirm = make_confirm(console, cfg, client, "labels", lambda p: len(runner.chunks(p)))
+    if cfg.sync:
+        summary = runner.run_sync(requests, handle_label_reply, confirm)
+    else:
+        summary = runner.run_batches(requests, handle_label_reply, confirm)
+    # Merge whatever is parsed, also after an abort: earlier runs' labels may be waiting in the log.
+    hist = runner.results.history(runner.generation)
+    ok = [recs[-1] for recs in hist.values() if recs and recs[-1].get("status") == "ok"]
+    changed = merge_labels(cfg.sae, ok, cfg.model)
+    if summary.aborted:
+        return 1
+    failures = final_failures(runner, [r.custom_id for r in requests])
+    print_summary(console, summary, "labels", failures, runner.results.path)
+    console.print(f"{changed:,} labels written to {cfg.sae / 'latents.jsonl'}")
+    return 0 if not failures else 3
+

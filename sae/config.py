@@ -1,0 +1,129 @@
+"""``SAEConfig``: everything needed to rebuild an SAE, saved as ``config.json`` beside its weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "llama3-sae"
+FORMAT_VERSION = 1
+"""Bump when config.json or the tensor layout changes meaning; ``from_dict`` rejects versions it does not know."""
+
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+NORMALIZATIONS = ("none", "per_token", "dataset")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SAEConfig:
+    """Architecture and provenance of a sparse autoencoder.
+
+    The math, in the normalised space (see ``normalization``)::
+
+        pre   = W_enc (x - b_pre) + b_enc        # "- b_pre" only when apply_b_pre_to_input
+        h     = act(pre)                         # topk / batchtopk / jumprelu / relu, never negative
+        x_hat = W_dec^T h + b_pre
+    """
+
+    d_model: int
+    """Width of the activations the SAE reads (the model's ``dim``)."""
+    n_latents: int
+    """Number of latents (dictionary size)."""
+    architecture: str = "topk"
+    """"topk" (k per token), "batchtopk" (k per token on average over a training batch, a learned
+    threshold at inference), "jumprelu" (per-latent thresholds) or "relu" (trained with an L1 penalty)."""
+    k: int | None = 64
+    """Active latents per token for topk/batchtopk; None for jumprelu and relu."""
+    rank_by_decoder_norm: bool = False
+    """TopK ranks latents by relu(pre) * ||W_dec row|| (Llama Scope) instead of relu(pre) alone. With a
+    unit-norm decoder the two agree."""
+    apply_b_pre_to_input: bool = True
+    """Subtract b_pre from the input before the encoder (OpenAI/seed); Llama Scope and Goodfire do not."""
+    decoder_unit_norm: bool = True
+    """Keep every latent's decoder vector at unit norm during training (and project its gradient)."""
+    normalization: str = "none"
+    """Input normalisation applied before the SAE and undone after it: "none"; "per_token"
+    ((x - mean(x)) / (std(x) + norm_eps) for each token, the seed's); "dataset" ((x - shift) * scale with
+    statistics stored in the SAE, e.g. Llama Scope's sqrt(d_model) / average norm)."""
+    norm_eps: float = 1e-6
+    """Epsilon of per_token normalisation."""
+    site: str | None = None
+    """Hook site the SAE reads, canonical short name such as "L15R"; None when unknown."""
+    model_name: str | None = None
+    """Model the SAE was trained on (free text, e.g. "meta-llama/Llama-3.2-3B")."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    source: dict[str, Any] = field(default_factory=dict)
+    """Provenance, e.g. {"format": "sae_lens", "path": ...} for a converted checkpoint."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("d_model", "n_latents"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive int")
+        if self.architecture not in ARCHITECTURES:
+            problems.append(f"architecture={self.architecture!r} is not one of {ARCHITECTURES}")
+        elif self.architecture in ("topk", "batchtopk"):
+            if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k <= 0:
+                problems.append(f"architecture={self.architecture!r} needs a positive int k, got k={self.k!r}")
+            elif isinstance(self.n_latents, int) and self.k > self.n_latents:
+                problems.append(f"k={self.k} exceeds n_latents={self.n_latents}")
+        elif self.k is not None:
+            problems.append(f"k={self.k!r} has no meaning for architecture={self.architecture!r}; use k=None")
+        if self.normalization not in NORMALIZATIONS:
+            problems.append(f"normalization={self.normalization!r} is not one of {NORMALIZATIONS}")
+        if not self.norm_eps > 0:
+            problems.append(f"norm_eps={self.norm_eps!r} must be positive")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.site is not None:
+            try:
+                self.site = canonical_site(self.site)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError("invalid SAEConfig: " + "; ".join(problems))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes: Any) -> "SAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "SAEConfig":
+        """Parse ``to_dict``'s output; unknown versions and unknown keys are errors, not guesses."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        if raw.get("format") != FORMAT_NAME:
+            raise ValueError(f"{where}: format={raw.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{where}: format_version={version!r} is not supported by this code "
+                             f"(it reads version {FORMAT_VERSION}); upgrade llama3-sae or re-export the SAE")
+        body = {k: v for k, v in raw.items() if k not in ("format", "format_version")}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown} for format_version {FORMAT_VERSION}")
+        return cls(**body)
+
+
+def canonical_site(site: Any) -> str:
+    """A site as this project writes it ("L15R"); transcoder sites are refused (an SAE reads one point)."""
+    # The site grammar belongs to the model module; import here so the SAE math has no model dependency.
+    from llama3.model import TRANSCODER, parse_site, site_name
+
+    parsed = parse_site(site)
+    if parsed.point == TRANSCODER:
+        raise ValueError(f"site {site!r} is a transcoder site (mlp_in -> mlp_out); an SAE reconstructs one "
+                         "point, e.g. L{layer}M or L{layer}MI")
+    return site_name(parsed)

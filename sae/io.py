@@ -1,0 +1,134 @@
+"""This project's SAE directory: ``config.json`` + ``sae.safetensors`` (+ ``latents.jsonl`` labels).
+
+Files are written to a temporary name and renamed, so an interrupted save never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import FORMAT_NAME, FORMAT_VERSION, SAEConfig
+from .model import SparseAutoencoder
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "sae.safetensors"
+LATENTS_FILE = "latents.jsonl"
+
+
+def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
+    """Write the SAE to directory ``path`` (created if needed). A ``latents.jsonl`` already there is kept."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} exists and is not a directory; an SAE is saved as a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    # Contiguous CPU copies: safetensors stores raw bytes, and buffers may live on a GPU.
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    text = json.dumps(sae.cfg.to_dict(), indent=2) + "\n"
+    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def is_native_dir(path: Path) -> bool:
+    cfg = path / CONFIG_FILE
+    if not (cfg.is_file() and (path / WEIGHTS_FILE).is_file()):
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("format") == FORMAT_NAME
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_native(path: str | Path, device: torch.device | str | None = None) -> SparseAutoencoder:
+    """Load a directory written by ``save_sae``; every tensor comes back bit for bit."""
+    path = Path(path)
+    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: an SAE directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    cfg = SAEConfig.from_dict(raw, where=str(cfg_path))
+    tensors = read_safetensors(weights_path)
+    sae = SparseAutoencoder(cfg, seed=None, device=device)
+    load_state(sae, tensors, where=str(weights_path))
+    return sae
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def load_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy tensors into the SAE, checking names, shapes and dtypes so a mismatch says what is wrong."""
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{where}: tensors do not match the config (missing {missing}, unexpected {extra})")
+    for name, t in tensors.items():
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(t.shape)}, the config implies {tuple(want.shape)}")
+        if t.dtype != want.dtype:
+            raise ValueError(f"{where}: {name} is {t.dtype}, the config says {want.dtype}")
+    with torch.no_grad():
+        for name, target in expected.items():
+            target.copy_(tensors[name])
+
+
+# --------------------------------------------------------------------------- latent labels
+def read_latents(path: str | Path) -> dict[int, dict[str, Any]]:
+    """``latents.jsonl`` of an SAE directory (or the file itself): {latent: record}. Missing file -> {}."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LATENTS_FILE
+    if not path.exists():
+        return {}
+    out: dict[int, dict[str, Any]] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
+        latent = record.get("latent") if isinstance(record, dict) else None
+        if not isinstance(latent, int) or isinstance(latent, bool) or latent < 0:
+            raise ValueError(f"{path}:{lineno}: each line needs a non-negative integer 'latent'")
+        out[latent] = record
+    return out
+
+
+def write_latents(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write ``latents.jsonl`` (one JSON object per line, sorted by latent), replacing the file atomically."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LATENTS_FILE
+    rows = sorted(records, key=lambda r: r["latent"])
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _atomic_write(dest: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,449 @@
+"""``SparseAutoencoder``: TopK / BatchTopK / JumpReLU / ReLU SAEs with sparse decoding and losses."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SAEConfig
+from .sparse import SparseCode, gathered_relu_linear, sparse_decode
+
+INFER_CHUNK_ELEMENTS = 1 << 25
+"""Dense pre-activation entries per chunk when encoding without autograd (128 MiB in float32)."""
+
+
+class NormStats(NamedTuple):
+    """Input normalisation of a batch, x_n = (x - shift) * in_scale; outputs map back by
+    y = y_n / out_scale + shift. Tensors broadcast against [N, d] (float32)."""
+
+    shift: torch.Tensor
+    in_scale: torch.Tensor
+    out_scale: torch.Tensor
+
+
+@dataclass
+class ForwardOutput:
+    """What ``SparseAutoencoder.forward`` returns: reconstruction, code and the training losses."""
+
+    x_hat: torch.Tensor
+    """Reconstruction in the input's space and shape."""
+    code: SparseCode
+    """Active latents per token, [..., m]."""
+    loss: torch.Tensor
+    """mse + aux_coeff * aux_loss + l1_coeff * l1: what to backpropagate."""
+    mse: torch.Tensor
+    """Mean squared error per element, in the normalised space."""
+    aux_loss: torch.Tensor
+    """Aux-k loss: normalised MSE of the dead latents' reconstruction of the residual (0 without dead latents)."""
+    l1: torch.Tensor
+    """Mean over tokens of sum_i h_i * ||W_dec[i]|| (ReLU SAEs; 0 otherwise)."""
+    fired: torch.Tensor
+    """[n_latents] bool: latents active on at least one token of this batch (for dead-latent tracking)."""
+    n_tokens: int
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder over activations of width ``cfg.d_model``.
+
+    Weights: ``W_enc`` and ``W_dec`` are both [n_latents, d_model] (one row per latent, so "unit norm
+    per latent" is a row norm and a decode gathers rows), ``b_enc`` [n_latents], ``b_pre`` [d_model].
+
+    ``forward(x)`` is the training step's entry point (so that DistributedDataParallel's forward runs) and
+    returns a ``ForwardOutput``; ``encode``/``decode``/``reconstruct`` are for inference and analysis.
+    """
+
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = 0, device: torch.device | str | None = None):
+        """``seed``: orthogonal init with decoder = encoder^T (the seed's), from a private generator;
+        None leaves the weights uninitialised, for loaders that fill them."""
+        super().__init__()
+        self.cfg = cfg
+        L, d, dtype = cfg.n_latents, cfg.d_model, cfg.torch_dtype
+        self.W_enc = nn.Parameter(torch.empty(L, d, dtype=dtype, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(L, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(torch.empty(L, d, dtype=dtype, device=device))
+        self.b_pre = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+        # Statistics and thresholds are float32 whatever the weights are: bf16 would move a Llama Scope
+        # scale of 2.197 to 2.188 and shift every threshold comparison.
+        if cfg.architecture in ("jumprelu", "batchtopk"):
+            self.register_buffer("threshold", torch.zeros(L, dtype=torch.float32, device=device))
+        if cfg.architecture == "batchtopk":
+            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64, device=device))
+        if cfg.normalization == "dataset":
+            self.register_buffer("norm_shift", torch.zeros(d, dtype=torch.float32, device=device))
+            self.register_buffer("norm_in_scale", torch.ones((), dtype=torch.float32, device=device))
+            self.register_buffer("norm_out_scale", torch.ones((), dtype=torch.float32, device=device))
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        w = torch.empty(self.cfg.n_latents, self.cfg.d_model, dtype=torch.float32)
+        nn.init.orthogonal_(w, generator=g)
+        # With more latents than dimensions the orthogonal matrix has orthonormal columns, not rows.
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w)  # encoder = decoder^T in math terms; both are stored row-per-latent
+        self.b_enc.zero_()
+        self.b_pre.zero_()
+
+    @torch.no_grad()
+    def fit_dataset_norm(self, activations: torch.Tensor | Iterable[torch.Tensor], *, center: bool = False) -> None:
+        """Set the "dataset" normalisation from data: scale = sqrt(d_model) / mean ||x - shift|| (Llama
+        Scope and Anthropic's April update), shift = the mean when ``center`` else 0."""
+        if self.cfg.normalization != "dataset":
+            raise ValueError(f"fit_dataset_norm needs normalization='dataset', this SAE has {self.cfg.normalization!r}")
+        d = self.cfg.d_model
+        if center and not isinstance(activations, torch.Tensor) and iter(activations) is activations:
+            raise ValueError("fit_dataset_norm(center=True) reads the data twice: pass a tensor or a list, "
+                             "not an iterator")
+        mean = torch.zeros(d, dtype=torch.float64)
+        if center:
+            total, n = torch.zeros(d, dtype=torch.float64), 0
+            for x in _batches(activations, d):
+                total += x.double().sum(0).cpu()
+                n += x.shape[0]
+            mean = total / _nonzero(n)
+        norm_sum, n = 0.0, 0
+        for x in _batches(activations, d):
+            norm_sum += float((x.double() - mean.to(x.device)).norm(dim=1).sum())
+            n += x.shape[0]
+        avg = norm_sum / _nonzero(n)
+        if not avg > 0:
+            raise ValueError("activations have zero average norm; cannot set a dataset normalisation")
+        self.set_dataset_norm(avg, avg, shift=mean if center else None)
+
+    @torch.no_grad()
+    def set_dataset_norm(self, avg_norm_in: float, avg_norm_out: float | None = None,
+                         shift: torch.Tensor | None = None) -> None:
+        """Llama Scope's convention: inputs are multiplied by sqrt(d_model) / avg_norm_in, outputs mapped
+        back by avg_norm_out / sqrt(d_model)."""
+        if self.cfg.normalization != "dataset":
+            raise ValueError(f"set_dataset_norm needs normalization='dataset', this SAE has {self.cfg.normalization!r}")
+        avg_norm_out = avg_norm_in if avg_norm_out is None else avg_norm_out
+        if not (avg_norm_in > 0 and avg_norm_out > 0):
+            raise ValueError(f"average norms must be positive, got in={avg_norm_in} out={avg_norm_out}")
+        root = math.sqrt(self.cfg.d_model)
+        self.norm_in_scale.fill_(root / avg_norm_in)
+        self.norm_out_scale.fill_(root / avg_norm_out)
+        self.norm_shift.copy_(torch.zeros(self.cfg.d_model) if shift is None else shift.float())
+
+    @torch.no_grad()
+    def init_b_pre_(self, activations: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """b_pre = mean of the *normalised* activations (the seed took it in raw space and used it in the
+        standardised space). Accumulates in float64."""
+        d = self.cfg.d_model
+        total, n = torch.zeros(d, dtype=torch.float64), 0
+        for x in _batches(activations, d):
+            x = x.to(self.W_enc.device)
+            xn, _ = self._normalize(x)
+            total += xn.double().sum(0).cpu()
+            n += x.shape[0]
+        self.b_pre.copy_((total / _nonzero(n)).to(self.b_pre.dtype))
+
+    # ------------------------------------------------------------------ normalisation
+    def norm_stats(self, x: torch.Tensor) -> NormStats:
+        """Normalisation statistics for a float32 batch [N, d]."""
+        kind = self.cfg.normalization
+        if kind == "per_token":
+            shift = x.mean(-1, keepdim=True)
+            scale = 1.0 / (x.std(-1, keepdim=True) + self.cfg.norm_eps)
+            return NormStats(shift, scale, scale)
+        if kind == "dataset":
+            return NormStats(self.norm_shift, self.norm_in_scale, self.norm_out_scale)
+        one = x.new_ones(())
+        return NormStats(x.new_zeros(()), one, one)
+
+    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
+        """x [N, d] any float dtype -> (x_n in the weights' dtype, stats)."""
+        if self.cfg.normalization == "none":
+            return x.to(self.W_enc.dtype), self.norm_stats(x.float())
+        xf = x.float()
+        stats = self.norm_stats(xf)
+        return ((xf - stats.shift) * stats.in_scale).to(self.W_enc.dtype), stats
+
+    def denormalize(self, y_n: torch.Tensor, stats: NormStats) -> torch.Tensor:
+        """Map a normalised-space output back: y_n / out_scale + shift (float32)."""
+        if self.cfg.normalization == "none":
+            return y_n.float()
+        return y_n.float() / stats.out_scale + stats.shift
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"SAE expects activations with last dimension d_model={self.cfg.d_model}, "
+                             f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"SAE input must be a floating-point tensor, got {x.dtype}")
+        return x.reshape(-1, self.cfg.d_model)
+
+    # ------------------------------------------------------------------ encoder
+    def preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """W_enc (x_n - b_pre) + b_enc for each token: [..., n_latents] in the weights' dtype (dense)."""
+        xn, _ = self._normalize(self._flat(x))
+        pre = F.linear(self._centre(xn), self.W_enc, self.b_enc)
+        return pre.reshape(*x.shape[:-1], self.cfg.n_latents)
+
+    def _centre(self, xn: torch.Tensor) -> torch.Tensor:
+        return xn - self.b_pre if self.cfg.apply_b_pre_to_input else xn
+
+    def _decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.detach().float().norm(dim=1)
+
+    def _encode(self, xn: torch.Tensor, *, k: int | None, batch_topk: bool, dead_mask: torch.Tensor | None,
+                k_aux: int) -> tuple[SparseCode, SparseCode | None, float | None]:
+        """Normalised [N, d] -> (code, aux code over dead latents or None, batch threshold or None).
+
+        Selection runs on a dense pre-activation matrix computed without autograd; the selected values
+        get their gradient from ``gathered_relu_linear``, which touches only the selected rows.
+        """
+        cfg = self.cfg
+        xc = self._centre(xn)
+        with torch.no_grad():
+            pre = torch.addmm(self.b_enc, xc.detach(), self.W_enc.t()).relu_()  # [N, L], relu(pre)
+        N, L = pre.shape
+        batch_threshold = None
+        aux = None
+        if cfg.architecture == "topk" or (cfg.architecture == "batchtopk" and batch_topk):
+            k = cfg.k if k is None else int(k)
+            if not 0 < k <= L:
+                raise ValueError(f"k={k} must be in 1..n_latents={L}")
+            with torch.no_grad():
+                score = pre * self._decoder_norms().to(pre.dtype) if cfg.rank_by_decoder_norm else pre
+                if cfg.architecture == "topk":
+                    idx = score.topk(k, dim=1, sorted=False).indices
+                    vals = pre.gather(1, idx)
+                else:
+                    idx, valid, batch_threshold = _batch_topk_indices(score, k)
+                    vals = pre.gather(1, idx) * valid.to(pre.dtype)
+            if dead_mask is not None:
+                aux = self._aux_code(xc, pre, dead_mask, k_aux)
+        else:
+            # Thresholded activations (jumprelu, batchtopk at inference, relu): a variable number of
+            # latents per token, padded to the row maximum with zeros.
+            if k is not None:
+                raise ValueError(f"k applies to topk/batchtopk SAEs, not architecture={cfg.architecture!r}")
+            if dead_mask is not None:
+                raise ValueError(f"the aux-k loss applies to topk/batchtopk SAEs, not architecture={cfg.architecture!r}")
+            with torch.no_grad():
+                if cfg.architecture != "relu":
+                    pre = pre.masked_fill_(pre <= self.threshold, 0)  # compared in float32
+                m = int((pre > 0).sum(1).max()) if N else 0
+                idx = pre.topk(m, dim=1, sorted=False).indices
+                vals = pre.gather(1, idx)
+        values = gathered_relu_linear(xc, self.W_enc, self.b_enc, idx, vals)
+        values = values * (vals > 0).to(values.dtype)  # thresholds and padding; a no-op on the sparse path
+        return SparseCode(values, idx), aux, batch_threshold
+
+    def _aux_code(self, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> SparseCode | None:
+        """The top ``k_aux`` relu pre-activations among dead latents, for every token (OpenAI's aux-k).
+        No floor on the number of dead latents: one dead latent is enough to train it."""
+        if dead_mask.shape != (self.cfg.n_latents,) or dead_mask.dtype != torch.bool:
+            raise ValueError(f"dead_mask must be a bool tensor [n_latents={self.cfg.n_latents}], "
+                             f"got {dead_mask.dtype} {tuple(dead_mask.shape)}")
+        if k_aux <= 0:
+            return None
+        dead = dead_mask.to(pre.device).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return None
+        with torch.no_grad():
+            top = pre[:, dead].topk(min(k_aux, dead.numel()), dim=1, sorted=False)
+            idx = dead[top.indices]
+        values = gathered_relu_linear(xc, self.W_enc, self.b_enc, idx, top.values)
+        return SparseCode(values * (top.values > 0).to(values.dtype), idx)
+
+    def _code(self, xn: torch.Tensor, k: int | None = None) -> SparseCode:
+        """Inference encode of normalised [N, d]. Without autograd, tokens go through in chunks so the
+        dense pre-activations stay near INFER_CHUNK_ELEMENTS entries (a 2048-token prompt with 65k
+        latents would otherwise hold 0.5 GiB of them per row of the batch)."""
+        rows = max(1, INFER_CHUNK_ELEMENTS // self.cfg.n_latents)
+        building_graph = torch.is_grad_enabled() and (xn.requires_grad or self.W_enc.requires_grad)
+        if building_graph or xn.shape[0] <= rows:
+            return self._encode(xn, k=k, batch_topk=False, dead_mask=None, k_aux=0)[0]
+        codes = [self._encode(part, k=k, batch_topk=False, dead_mask=None, k_aux=0)[0] for part in xn.split(rows)]
+        return _cat_codes(codes)
+
+    def encode(self, x: torch.Tensor, *, sparse: bool = False, k: int | None = None) -> torch.Tensor | SparseCode:
+        """Latent activations of ``x`` [..., d_model].
+
+        Returns the dense code [..., n_latents] (zeros where a latent is off), or with ``sparse=True`` a
+        ``SparseCode`` of [..., m] values and indices. BatchTopK SAEs use their learned threshold here.
+        Differentiable with respect to x and the weights.
+        """
+        flat = self._flat(x)
+        xn, _ = self._normalize(flat)
+        code = self._code(xn, k=k).unflatten(x.shape[:-1])
+        return code if sparse else code.to_dense(self.cfg.n_latents)
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, h: torch.Tensor | SparseCode, stats: NormStats | None = None) -> torch.Tensor:
+        """Reconstruction from a dense code [..., n_latents] or a ``SparseCode``, in the input space
+        (float32). Per-token normalisation needs the statistics of the input: ``stats=sae.norm_stats(x)``."""
+        if stats is None:
+            if self.cfg.normalization == "per_token":
+                raise ValueError("this SAE normalises each token by its own mean and std, so decode needs "
+                                 "them: pass stats=sae.norm_stats(x.float()) or use sae.reconstruct(x)")
+            # "none" and "dataset" statistics do not depend on the batch.
+            stats = self.norm_stats(self.b_pre.new_zeros(1, self.cfg.d_model, dtype=torch.float32))
+        code = h if isinstance(h, SparseCode) else _dense_to_sparse(h, self.cfg.n_latents)
+        leading = code.values.shape[:-1]
+        flat = code.flatten()
+        y = self._decode_n(flat)
+        return self.denormalize(y, stats).reshape(*leading, self.cfg.d_model)
+
+    def _decode_n(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
+        y = sparse_decode(code.values.to(self.W_dec.dtype), code.indices, self.W_dec)
+        return y + self.b_pre if bias else y
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) in x's shape and dtype."""
+        flat = self._flat(x)
+        xn, stats = self._normalize(flat)
+        return self.denormalize(self._decode_n(self._code(xn)), stats).to(x.dtype).reshape(x.shape)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: torch.Tensor, *, k: int | None = None, dead_mask: torch.Tensor | None = None,
+                k_aux: int | None = None, aux_coeff: float = 1 / 32, l1_coeff: float = 0.0) -> ForwardOutput:
+        """One training forward: encode, decode, losses in the normalised space.
+
+        k: override the SAE's k (k-annealing; see ``sae.training.KSchedule``). dead_mask: [n_latents]
+        bool, latents to train with the aux-k loss (``DeadLatentTracker.dead_mask``). k_aux: dead latents
+        used per token (default d_model // 2). BatchTopK selects over the whole batch in training mode
+        and updates its inference threshold; in eval mode it uses the threshold.
+        """
+        flat = self._flat(x)
+        xn, stats = self._normalize(flat)
+        k_aux = self.cfg.d_model // 2 if k_aux is None else int(k_aux)
+        batch_topk = self.cfg.architecture == "batchtopk" and self.training
+        code, aux_code, batch_threshold = self._encode(xn, k=k, batch_topk=batch_topk, dead_mask=dead_mask,
+                                                       k_aux=k_aux)
+        if batch_threshold is not None:
+            self._update_batch_threshold(batch_threshold)
+        x_hat_n = self._decode_n(code)
+        target = (flat.float() - stats.shift) * stats.out_scale
+        mse = (x_hat_n.float() - target).pow(2).mean()
+        zero = mse.new_zeros(())
+        aux_loss = zero
+        if aux_code is not None:
+            residual = (target - x_hat_n.float()).detach()
+            e_hat = self._decode_n(aux_code, bias=False).float()  # the residual has no b_pre in it
+            denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+            aux_loss = (e_hat - residual).pow(2).sum() / denom
+        l1 = zero
+        if self.cfg.architecture == "relu":
+            norms = self.W_dec.float().norm(dim=1)  # differentiable: the penalty also shapes the decoder
+            l1 = (code.values.float() * norms[code.indices]).sum(-1).mean()
+        loss = mse + aux_coeff * aux_loss + l1_coeff * l1
+        fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=flat.device)
+        fired[code.indices[code.values > 0]] = True
+        x_hat = self.denormalize(x_hat_n, stats).to(x.dtype).reshape(x.shape)
+        return ForwardOutput(x_hat=x_hat, code=code.unflatten(x.shape[:-1]), loss=loss, mse=mse,
+                             aux_loss=aux_loss, l1=l1, fired=fired, n_tokens=flat.shape[0])
+
+    @torch.no_grad()
+    def _update_batch_threshold(self, batch_threshold: float, momentum: float = 0.99) -> None:
+        # The smallest activation BatchTopK kept, averaged over training (Bussmann et al.); stored per
+        # latent so inference is a JumpReLU. With decoder-norm ranking the score threshold maps to
+        # threshold / ||W_dec[i]|| in activation units.
+        t = torch.full_like(self.threshold, batch_threshold)
+        if self.cfg.rank_by_decoder_norm:
+            t = t / self._decoder_norms().clamp_min(1e-12).to(t.device)
+        n = int(self.threshold_updates)
+        # Bias-corrected average: exact mean for the first 1/(1-momentum) steps, then an EMA.
+        beta = max(1.0 - momentum, 1.0 / (n + 1))
+        self.threshold.mul_(1 - beta).add_(t, alpha=beta)
+        self.threshold_updates += 1
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Scale every latent's decoder vector (a row of W_dec) to unit norm. Call after each optimizer step."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove from each latent's decoder gradient its component along that latent's decoder vector,
+        so a step moves along the unit sphere. Call between backward and the optimizer step."""
+        g, w = self.W_dec.grad, self.W_dec
+        if g is None:
+            return
+        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-24)
+        g.addcmul_(w, coef[:, None], value=-1)  # in place: no [n_latents, d] temporary
+
+    # ------------------------------------------------------------------ I/O and injection
+    def save(self, path: str | Path) -> None:
+        """Write ``path/config.json`` and ``path/sae.safetensors`` (this project's format)."""
+        from .io import save_sae
+
+        save_sae(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SparseAutoencoder":
+        from .io import load_native
+
+        return load_native(path, device=device)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        k = f", k={c.k}" if c.k is not None else ""
+        return (f"d_model={c.d_model}, n_latents={c.n_latents}, architecture={c.architecture}{k}, "
+                f"normalization={c.normalization}, site={c.site}")
+
+
+# --------------------------------------------------------------------------- helpers
+def _batch_topk_indices(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """BatchTopK: the k * N largest positive scores of the whole batch, as per-row indices [N, m] padded
+    with index 0, a validity mask [N, m], and the smallest kept score."""
+    N, L = score.shape
+    flat = score.reshape(-1).topk(min(k * N, N * L), sorted=False)
+    kept = flat.values > 0
+    pos = flat.indices[kept]
+    threshold = float(flat.values[kept].min()) if bool(kept.any()) else 0.0
+    rows, cols = pos // L, pos % L
+    counts = torch.bincount(rows, minlength=N)
+    m = int(counts.max()) if N else 0
+    order = torch.argsort(rows, stable=True)
+    rows, cols = rows[order], cols[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=score.device) - starts[rows]
+    idx = torch.zeros(N, m, dtype=torch.long, device=score.device)
+    valid = torch.zeros(N, m, dtype=torch.bool, device=score.device)
+    idx[rows, slot] = cols
+    valid[rows, slot] = True
+    return idx, valid, threshold
+
+
+def _cat_codes(codes: list[SparseCode]) -> SparseCode:
+    """Stack codes of consecutive token chunks, padding each to the widest with zeros at index 0."""
+    m = max(c.values.shape[1] for c in codes)
+    values = torch.cat([F.pad(c.values, (0, m - c.values.shape[1])) for c in codes])
+    indices = torch.cat([F.pad(c.indices, (0, m - c.indices.shape[1])) for c in codes])
+    return SparseCode(values, indices)
+
+
+def _dense_to_sparse(h: torch.Tensor, n_latents: int) -> SparseCode:
+    if h.shape[-1] != n_latents:
+        raise ValueError(f"dense code must have last dimension n_latents={n_latents}, got {tuple(h.shape)}")
+    flat = h.reshape(-1, n_latents)
+    m = int((flat != 0).sum(1).max()) if flat.shape[0] else 0
+    idx = flat.detach().abs().topk(m, dim=1, sorted=False).indices
+    return SparseCode(flat.gather(1, idx), idx).unflatten(h.shape[:-1])
+
+
+def _batches(activations: torch.Tensor | Iterable[torch.Tensor], d: int) -> Iterable[torch.Tensor]:
+    items = [activations] if isinstance(activations, torch.Tensor) else activations
+    for x in items:
+        if x.shape[-1] != d:
+            raise ValueError(f"activations must have last dimension d_model={d}, got {tuple(x.shape)}")
+        yield x.reshape(-1, d)
+
+
+def _nonzero(n: int) -> int:
+    if n == 0:
+        raise ValueError("no activations were given")
+    return n

@@ -1,0 +1,207 @@
+"""Functions for ``Transformer(sae_layer_forward_fn={site: f})``: reconstruct, and error-preserving steering.
+
+* ``reconstruct_fn(sae)``: x -> x_hat (the seed's behaviour: the model then sees only the SAE's picture).
+* ``steer_fn(sae, edits)``: x -> x + decode(h_edited) - decode(h) (Goodfire's error-preserving
+  intervention): the reconstruction error is kept, so without edits the model is untouched.
+
+Edits act on the activations after the activation function (the seed added its ``h_bias`` before TopK,
+which could silently drop the steered latent). Each edit may apply to some rows of the batch only, so
+one batched forward can serve several users or several steering settings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .model import SparseAutoencoder
+
+SaeFn = Callable[[torch.Tensor], torch.Tensor]
+OPS = ("add", "set", "clamp", "zero")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change to one latent's activation h[latent]:
+
+    add: h + value; set: value; clamp: clamp(h, min, max); zero: 0.
+    rows: batch rows it applies to (None: every row). Edits apply in the order given.
+    """
+
+    latent: int
+    op: str = "add"
+    value: float = 0.0
+    min: float | None = None
+    max: float | None = None
+    rows: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latent, int) or isinstance(self.latent, bool) or self.latent < 0:
+            raise ValueError(f"edit latent must be a non-negative int, got {self.latent!r}")
+        if self.op not in OPS:
+            raise ValueError(f"edit op {self.op!r} is not one of {OPS}")
+        if self.op == "clamp" and self.min is None and self.max is None:
+            raise ValueError(f"clamp edit on latent {self.latent} needs min and/or max")
+        if self.op == "clamp" and self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"clamp edit on latent {self.latent}: min={self.min} > max={self.max}")
+        if self.op != "clamp" and (self.min is not None or self.max is not None):
+            raise ValueError(f"min/max belong to clamp edits, not {self.op!r}")
+        if self.rows is not None:
+            rows = tuple(self.rows)
+            if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in rows):
+                raise ValueError(f"edit rows must be non-negative ints, got {self.rows!r}")
+            object.__setattr__(self, "rows", rows)
+
+    @classmethod
+    def parse(cls, spec: str, rows: Sequence[int] | None = None) -> "Edit":
+        """Command-line form: ``896=20`` (add 20, the seed's steering), ``896:add=20``, ``896:set=5``,
+        ``896:zero``, ``896:clamp=0..8`` (either bound may be left out: ``896:clamp=..8``)."""
+        m = _SPEC.match(spec.strip())
+        if not m:
+            raise ValueError(f"cannot parse steering edit {spec!r}; use LATENT=VALUE, LATENT:add=VALUE, "
+                             "LATENT:set=VALUE, LATENT:zero or LATENT:clamp=MIN..MAX")
+        latent, op, arg = int(m["latent"]), m["op"] or "add", m["arg"]
+        rows = tuple(rows) if rows is not None else None
+        try:
+            if op == "zero":
+                if arg is not None:
+                    raise ValueError
+                return cls(latent, "zero", rows=rows)
+            if arg is None:
+                raise ValueError
+            if op == "clamp":
+                lo, sep, hi = arg.partition("..")
+                if not sep:
+                    raise ValueError
+                return cls(latent, "clamp", min=float(lo) if lo else None, max=float(hi) if hi else None, rows=rows)
+            return cls(latent, op, value=float(arg), rows=rows)
+        except ValueError as e:
+            if str(e):
+                raise
+            raise ValueError(f"bad value in steering edit {spec!r}") from None
+
+
+_SPEC = re.compile(r"^(?P<latent>\d+)(?::(?P<op>add|set|clamp|zero))?(?:=(?P<arg>\S+))?$")
+
+
+def reconstruct_fn(sae: SparseAutoencoder) -> SaeFn:
+    """x [..., d] -> the SAE's reconstruction, in x's dtype."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return sae.reconstruct(x)
+
+    return fn
+
+
+def zero_fn() -> SaeFn:
+    """x -> 0: the zero-ablation baseline for fidelity."""
+    return torch.zeros_like
+
+
+def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
+    """x [B, T, d] (or [B, d]) -> x + decode(h_edited) - decode(h), in x's dtype.
+
+    With no edits the function returns x itself. Rows no edit applies to come back bit for bit too.
+    Only the edited latents' decoder rows are touched: decode is linear, so
+    decode(h_edited) - decode(h) = sum over edited latents i of (h_edited_i - h_i) W_dec[i], mapped
+    out of the normalised space.
+    """
+    edits = tuple(edits)
+    for e in edits:
+        if not isinstance(e, Edit):
+            raise ValueError(f"edits must be sae.Edit objects, got {type(e).__name__}")
+        if e.latent >= sae.cfg.n_latents:
+            raise ValueError(f"edit on latent {e.latent}, but this SAE has latents 0..{sae.cfg.n_latents - 1}")
+    if not edits:
+        return _identity
+    latents = sorted({e.latent for e in edits})
+    column = {latent: j for j, latent in enumerate(latents)}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"steering expects [batch, ..., d_model], got shape {tuple(x.shape)}")
+        B = x.shape[0]
+        for e in edits:
+            if e.rows is not None and max(e.rows, default=-1) >= B:
+                raise ValueError(f"edit on latent {e.latent} names row {max(e.rows)}, but the batch has {B} rows")
+        flat = sae._flat(x)
+        xn, stats = sae._normalize(flat)
+        code = sae._code(xn)
+        lat = torch.tensor(latents, device=x.device)
+        # Current activations of the edited latents, h [N, E].
+        hit = code.indices[:, :, None] == lat  # [N, m, E]
+        h = (code.values.float()[:, :, None] * hit).sum(1)
+        new = h.clone()
+        row_of_token = torch.arange(B, device=x.device).repeat_interleave(flat.shape[0] // B)
+        for e in edits:
+            j = column[e.latent]
+            if e.rows is None:
+                sel = torch.ones_like(row_of_token, dtype=torch.bool)
+            else:
+                sel = torch.isin(row_of_token, torch.tensor(e.rows, device=x.device))
+            cur = new[:, j]
+            if e.op == "add":
+                upd = cur + e.value
+            elif e.op == "set":
+                upd = torch.full_like(cur, e.value)
+            elif e.op == "zero":
+                upd = torch.zeros_like(cur)
+            else:
+                upd = cur.clamp(min=e.min, max=e.max)
+            new[:, j] = torch.where(sel, upd, cur)
+        delta_h = new - h  # [N, E]
+        changed = (delta_h != 0).any(1)  # no host sync here: generation calls this every step
+        w = sae.W_dec[lat].float()  # [E, d]
+        delta_n = delta_h @ w  # normalised space; the bias cancels in the difference
+        delta = delta_n / stats.out_scale if sae.cfg.normalization != "none" else delta_n
+        out = flat.float() + delta
+        # Untouched tokens keep their exact input (x + 0 rounds back to x, but say so explicitly).
+        out = torch.where(changed[:, None], out.to(x.dtype), flat)
+        return out.reshape(x.shape)
+
+    return fn
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# --------------------------------------------------------------------------- injection into llama3
+def check_injection(sae: SparseAutoencoder, params: Any, site: Any = None):
+    """The site an SAE goes to in a model with ``params`` (a ModelArgs), or a ValueError that says why it
+    cannot: no site known, a layer the model does not have, or a different width."""
+    from llama3.model import parse_site, site_name
+
+    chosen = site if site is not None else sae.cfg.site
+    if chosen is None:
+        raise ValueError("this SAE does not record which site it reads; pass site=... (e.g. 'L15R')")
+    parsed = parse_site(chosen)
+    if sae.cfg.site is not None and site is not None and site_name(parsed) != sae.cfg.site:
+        raise ValueError(f"this SAE was trained at {sae.cfg.site}, not {site_name(parsed)}; inject it where it "
+                         "was trained (or change sae.cfg.site if you really mean to move it)")
+    if parsed.layer >= params.n_layers:
+        raise ValueError(f"SAE site {site_name(parsed)} is past the model's last layer ({params.n_layers - 1})")
+    if params.dim != sae.cfg.d_model:
+        raise ValueError(f"SAE reads d_model={sae.cfg.d_model} activations but the model's width is {params.dim}"
+                         f" (SAE model_name={sae.cfg.model_name!r})")
+    return parsed
+
+
+def sae_hooks(sae: SparseAutoencoder, model: Any, *, mode: str = "steer", edits: Sequence[Edit] = (),
+              site: Any = None) -> dict:
+    """``{site: f}`` for ``Transformer(sae_layer_forward_fn=...)`` / ``model.set_hooks(...)``, checked
+    against ``model.params`` (a Transformer or a ModelArgs). mode: "steer", "reconstruct" or "zero"."""
+    params = getattr(model, "params", model)
+    target = check_injection(sae, params, site)
+    if mode == "steer":
+        fn = steer_fn(sae, edits)
+    elif mode in ("reconstruct", "zero"):
+        if edits:
+            raise ValueError(f"edits apply to mode='steer', not {mode!r}")
+        fn = reconstruct_fn(sae) if mode == "reconstruct" else zero_fn()
+    else:
+        raise ValueError(f"mode={mode!r} must be 'steer', 'reconstruct' or 'zero'")
+    return {target: fn}
