@@ -1,0 +1,98 @@
+"""Entry points of ``llama3-sae train`` / ``llama3-sae eval``; ``python -m training`` and
+``torchrun --nproc-per-node N -m training`` call the same ``main_train``. Parse the typed config, call
+the library, print a summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from apps.config import add_dataclass_args, from_namespace
+
+from .config import TrainConfig
+
+_TRAIN_EPILOG = """\
+examples:
+  llama3-sae preprocess --store acts/L8R                      # statistics + shuffled copy, once
+  llama3-sae train --store acts/L8R/shuffled --out saes/L8R --n-latents 32768 --k 64
+  torchrun --nproc-per-node 4 -m training --store acts/L8R/shuffled --out saes/L8R            # DDP
+  torchrun --nproc-per-node 4 -m training --store ... --out ... --model-parallel 2             # 2 x 2
+  llama3-sae train --config saes/L8R/train_config.json --out saes/L8R-again                    # same options
+Re-running the same command after a kill resumes from the newest checkpoint.
+"""
+
+_EVAL_EPILOG = """\
+examples:
+  llama3-sae eval --sae saes/L8R --ckpt-dir ~/models/Llama-3.2-1B --data heldout.txt --out eval/L8R
+  llama3-sae eval --sae saes/L4R saes/L8R saes/L12R --ckpt-dir DIR --data heldout.jsonl --out eval/all
+"""
+
+
+def parse_config(cls: type, argv: list[str] | None, prog: str, description: str, epilog: str = "") -> Any:
+    """argparse options from the dataclass ``cls``; ``--config FILE`` (JSON, e.g. a saved
+    train_config.json) gives values that the command line overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON file of option values (names as in --help with underscores, e.g. a saved "
+                             "train_config.json); options on the command line override it")
+    add_dataclass_args(parser, cls)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    config_path = pre.parse_known_args(argv)[0].config
+    base = None
+    if config_path is not None:
+        try:
+            base = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {config_path}: {e}")
+        if not isinstance(base, dict):
+            parser.error(f"--config {config_path}: expected a JSON object of option values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            parser.error(f"--config {config_path}: unknown options {unknown}; known: {sorted(known)}")
+        for action in parser._actions:  # options the file gives are no longer required on the command line
+            if action.dest in base:
+                action.required = False
+    ns = parser.parse_args(argv)
+    return from_namespace(cls, ns, base)
+
+
+def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") -> int:
+    from .loop import run_train
+
+    try:
+        cfg = parse_config(TrainConfig, argv, prog, "Train a TopK sparse autoencoder on an activation store "
+                           "(one process, DDP under torchrun, or latent-sharded with --model-parallel).",
+                           _TRAIN_EPILOG)
+        result = run_train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        val = result.summary.get("val", {})
+        print(f"trained {result.steps:,} steps -> {result.out}  (val L0 {val.get('l0', float('nan')):.1f}, "
+              f"explained variance {val.get('explained_variance', float('nan')):.4f}, "
+              f"dead {val.get('dead_fraction', float('nan')):.2%})")
+    return 0
+
+
+def main_eval(argv: list[str] | None = None, prog: str = "llama3-sae eval") -> int:
+    from .eval import EvalConfig, format_report, run_eval
+
+    try:
+        cfg = parse_config(EvalConfig, argv, prog, "Evaluate SAEs on held-out text: L0, explained variance, "
+                           "dead fraction, and the language-model loss with each SAE spliced into the model "
+                           "(delta loss, fidelity). Writes eval.json and eval.png.", _EVAL_EPILOG)
+        report = run_eval(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    return 0

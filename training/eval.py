@@ -1,0 +1,273 @@
+"""``llama3-sae eval``: how good are one or more SAEs on held-out text?
+
+For every SAE: L0, explained variance and MSE of its reconstructions, the fraction of latents that
+never fire (dead) or fire on more than 10% of tokens (dense), and the language-model loss with the
+SAE's reconstruction spliced into the model at its site, against the clean loss and the loss with the
+site zero-ablated:
+
+    delta_lm_loss = loss with SAE - clean loss
+    fidelity      = delta_lm_loss / (zero-ablated loss - clean loss)     (0 = free, 1 = as bad as ablating)
+
+All SAEs share each clean forward pass (which also captures every site's activations). Losses are
+token-weighted means over all predicted tokens. Writes ``eval.json`` and ``eval.png``: L0, explained
+variance and delta loss per layer, one line per kind of site and width (the style of the Llama Scope
+paper's figure 10).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+EVAL_JSON = "eval.json"
+EVAL_PNG = "eval.png"
+
+
+@dataclass
+class EvalConfig:
+    """``llama3-sae eval``: reconstruction and downstream metrics of SAEs on held-out text."""
+
+    sae: tuple[Path, ...]
+    """SAE directories or files: this project's format or any that ``load_sae`` detects (SAELens, Llama
+    Scope, sparsify, Goodfire)."""
+    ckpt_dir: Path
+    """Model checkpoint directory (Meta or HF layout) the SAEs were trained on."""
+    data: tuple[Path, ...]
+    """Held-out text: .txt (one document per line), .jsonl or .parquet files, read as ``capture`` reads them.
+    Use text the SAEs were not trained on."""
+    out: Path
+    """Directory for eval.json and eval.png."""
+    sites: str | None = None
+    """Comma-separated hook sites, one per --sae, for SAE files that do not record theirs (e.g. Goodfire)."""
+    text_field: str = "text"
+    """JSON key / parquet column holding the text."""
+    limit: int = 256
+    """Evaluate the first N documents."""
+    max_tokens: int = 192
+    """Documents are cut to this many tokens (cut tokens are counted in the report)."""
+    bos: bool = False
+    """Start each document with <|begin_of_text|> (match how the SAEs' training data was captured)."""
+    batch_size: int = 8
+    """Documents per forward pass."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype the model computes in."""
+    plots: bool = True
+    """Write eval.png (needs matplotlib; skipped with a note without it)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sae, (str, Path)):
+            self.sae = (Path(self.sae),)
+        if isinstance(self.data, (str, Path)):
+            self.data = (Path(self.data),)
+        self.sae = tuple(Path(p) for p in self.sae)
+        self.data = tuple(Path(p) for p in self.data)
+        self.ckpt_dir, self.out = Path(self.ckpt_dir), Path(self.out)
+        problems = []
+        if not self.sae:
+            problems.append("--sae needs at least one SAE")
+        if self.limit < 1 or self.max_tokens < 2 or self.batch_size < 1:
+            problems.append(f"--limit ({self.limit}) and --batch-size ({self.batch_size}) must be >= 1 and "
+                            f"--max-tokens ({self.max_tokens}) >= 2")
+        if self.sites is not None and len(self.site_list) != len(self.sae):
+            problems.append(f"--sites gives {len(self.site_list)} sites for {len(self.sae)} SAEs; give one per --sae")
+        if problems:
+            raise ValueError("invalid eval options: " + "; ".join(problems))
+
+    @property
+    def site_list(self) -> list[str | None]:
+        if self.sites is None:
+            return [None] * len(self.sae)
+        return [s.strip() for s in self.sites.split(",") if s.strip()]
+
+
+class _Recon:
+    """Streaming reconstruction statistics of one SAE (float64 sums, firing counts)."""
+
+    def __init__(self, n_latents: int, d: int, device: torch.device):
+        self.err2 = 0.0
+        self.sum_x = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sum_x2 = 0.0
+        self.active = 0.0
+        self.n = 0
+        self.fires = torch.zeros(n_latents, dtype=torch.int64, device=device)
+
+    def update(self, sae: Any, x: torch.Tensor) -> None:
+        x = x.float()
+        code = sae.encode(x, sparse=True)
+        x_hat = sae.decode(code, stats=sae.norm_stats(x))
+        on = code.values > 0
+        self.fires += torch.bincount(code.indices[on], minlength=self.fires.numel())
+        xd = x.double()
+        self.err2 += float((x_hat.double() - xd).pow(2).sum())
+        self.sum_x += xd.sum(0)
+        self.sum_x2 += float(xd.pow(2).sum())
+        self.active += float(on.sum())
+        self.n += x.shape[0]
+
+    def result(self) -> dict[str, float]:
+        d = self.sum_x.numel()
+        total_var = self.sum_x2 - float(self.sum_x.pow(2).sum()) / self.n
+        density = self.fires.double() / self.n
+        return {"l0": self.active / self.n, "mse": self.err2 / (self.n * d),
+                "explained_variance": 1 - self.err2 / total_var if total_var > 0 else math.nan,
+                "dead_fraction": float((self.fires == 0).double().mean()),
+                "dense_fraction": float((density > 0.1).double().mean())}
+
+
+def _ce_sum(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[float, int]:
+    """Sum and count of next-token cross-entropies where both the token and its successor are real."""
+    mask = keep[:, 1:] & keep[:, :-1]
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                         reduction="none")
+    m = mask.reshape(-1)
+    return float(ce[m].double().sum()), int(m.sum())
+
+
+@torch.no_grad()
+def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from capture.batching import collate, encode_window
+    from capture.config import SourceConfig
+    from capture.sources import iter_documents
+    from llama3.checkpoint import find_tokenizer, load_model
+    from llama3.model import parse_site, site_name
+    from llama3.tokenizer import Tokenizer
+    from sae import load_sae, sae_hooks
+
+    from .dist import resolve_device
+
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device, 0)
+    saes = []
+    for path, site in zip(cfg.sae, cfg.site_list):
+        try:
+            sae = load_sae(path, site=site, device=device).eval()
+        except FileNotFoundError as e:
+            raise ValueError(f"--sae {path}: {e}") from e
+        if sae.cfg.site is None:
+            raise ValueError(f"--sae {path} does not record its hook site; give it with --sites (one per --sae)")
+        saes.append(sae)
+    sites = [sae.cfg.site for sae in saes]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    model = load_model(cfg.ckpt_dir, device=device, dtype=dtype, max_seq_len=max(cfg.max_tokens, 2))
+    for path, sae in zip(cfg.sae, saes):
+        try:
+            sae_hooks(sae, model, mode="reconstruct")  # checks layer and width against the model
+        except ValueError as e:
+            raise ValueError(f"--sae {path}: {e}") from e
+    tokenizer = Tokenizer(find_tokenizer(cfg.ckpt_dir))
+    docs = list(iter_documents(SourceConfig(data=cfg.data, text_field=cfg.text_field, limit=cfg.limit)))
+    if not docs:
+        raise ValueError(f"--data {', '.join(map(str, cfg.data))}: no documents found")
+    counters: dict[str, int] = {}
+    encoded = encode_window(docs, tokenizer, None, bos=cfg.bos, max_tokens=cfg.max_tokens, counters=counters)
+    recon = [_Recon(s.cfg.n_latents, s.cfg.d_model, device) for s in saes]
+    ce = {"clean": [0.0, 0], **{f"sae{i}": [0.0, 0] for i in range(len(saes))},
+          **{f"zero{i}": [0.0, 0] for i in range(len(saes))}}
+    progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not console.is_terminal)
+    with progress:
+        task = progress.add_task("eval", total=len(encoded))
+        for start in range(0, len(encoded), cfg.batch_size):
+            part = encoded[start:start + cfg.batch_size]
+            batch = collate(part, pad_id=tokenizer.pad_id, skip_first=[False] * len(part))
+            tokens, keep = batch.tokens.to(device), batch.keep.to(device)
+            model.set_hooks(sites, {})
+            _add(ce["clean"], _ce_sum(model(tokens), tokens, keep))
+            acts = dict(model.activations)
+            for i, sae in enumerate(saes):
+                recon[i].update(sae, acts[sites[i]][keep])
+                for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
+                    model.set_hooks((), sae_hooks(sae, model, mode=mode))
+                    _add(ce[key], _ce_sum(model(tokens), tokens, keep))
+            progress.advance(task, len(part))
+    model.set_hooks((), {})
+    clean = ce["clean"][0] / max(ce["clean"][1], 1)
+    rows = []
+    for i, (path, sae) in enumerate(zip(cfg.sae, saes)):
+        with_sae = ce[f"sae{i}"][0] / max(ce[f"sae{i}"][1], 1)
+        zero = ce[f"zero{i}"][0] / max(ce[f"zero{i}"][1], 1)
+        gap = zero - clean
+        fidelity = (with_sae - clean) / gap if gap != 0 else math.nan
+        site = parse_site(sites[i])
+        rows.append({"sae": str(path), "site": site_name(site), "layer": site.layer,
+                     "point": site_name(site)[len(f"L{site.layer}"):], "architecture": sae.cfg.architecture,
+                     "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, **recon[i].result(), "clean_loss": clean,
+                     "sae_loss": with_sae, "zero_ablation_loss": zero, "delta_lm_loss": with_sae - clean,
+                     "fidelity": fidelity, "loss_recovered": 1 - fidelity})
+    report = {"model": str(cfg.ckpt_dir), "data": [str(p) for p in cfg.data], "documents": len(encoded),
+              "tokens": recon[0].n, "predicted_tokens": ce["clean"][1], "bos": cfg.bos, "max_tokens": cfg.max_tokens,
+              "truncated_docs": counters.get("truncated_docs", 0),
+              "truncated_tokens": counters.get("truncated_tokens", 0), "empty_docs": counters.get("empty_docs", 0),
+              "seconds": time.perf_counter() - t0, "saes": rows}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    tmp = cfg.out / (EVAL_JSON + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(cfg.out / EVAL_JSON)
+    if cfg.plots:
+        try:
+            report["plot"] = str(plot_eval(rows, cfg.out / EVAL_PNG))
+        except ImportError:
+            console.print("note: matplotlib is not installed, so eval.png was not written "
+                          "(pip install 'llama3-sae[plots]')", highlight=False)
+    return report
+
+
+def _add(acc: list, value: tuple[float, int]) -> None:
+    acc[0] += value[0]
+    acc[1] += value[1]
+
+
+def plot_eval(rows: list[dict[str, Any]], path: Path) -> Path:
+    """L0, explained variance and delta LM loss against the layer, one line per (site kind, width,
+    architecture): the layout of the Llama Scope paper's figure 10. Raises ImportError without matplotlib."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['point']} {r['architecture']} {r['n_latents']:,}", []).append(r)
+    fig = Figure(figsize=(13, 4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = [("l0", "L0"), ("explained_variance", "explained variance"), ("delta_lm_loss", "delta LM loss (nats)")]
+    for ax, (key, title) in zip(axes, panels):
+        for label, items in series.items():
+            items = sorted(items, key=lambda r: r["layer"])
+            ax.plot([r["layer"] for r in items], [r[key] for r in items], "o-", label=label, markersize=5)
+        ax.set_title(title)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if all(r["delta_lm_loss"] > 0 for r in rows):
+        axes[2].set_yscale("log")
+    axes[0].legend(title="site, architecture, width", fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['documents']} documents, {report['tokens']:,} tokens ({report['predicted_tokens']:,} predicted)"]
+    head = (f"{'site':>6} {'latents':>8} {'L0':>7} {'EV':>7} {'dead':>6} {'clean':>7} {'+SAE':>7} {'delta':>8} "
+            f"{'fidelity':>8}  sae")
+    lines.append(head)
+    for r in report["saes"]:
+        lines.append(f"{r['site']:>6} {r['n_latents']:>8} {r['l0']:>7.1f} {r['explained_variance']:>7.3f} "
+                     f"{r['dead_fraction']:>6.1%} {r['clean_loss']:>7.3f} {r['sae_loss']:>7.3f} "
+                     f"{r['delta_lm_loss']:>8.4f} {r['fidelity']:>8.3f}  {r['sae']}")
+    if report.get("plot"):
+        lines.append(f"plot: {report['plot']}")
+    return "\n".join(lines)

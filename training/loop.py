@@ -1,0 +1,643 @@
+"""The training loop: one ``Trainer`` for every layout (one process, DDP, latent-sharded).
+
+A step is: forward (under DDP, so gradients are all-reduced as backward runs), backward, projection of
+the decoder gradients onto the unit sphere, gradient clipping, AdamW, the learning-rate schedule (every
+step), decoder renormalisation, dead-latent counters (all-reduced with MIN), EMA. Every rank holds the
+same all-reduced gradients when it projects, clips and steps, so the replicas stay identical.
+
+``ShardedTrainer`` (``training.sharded``) overrides the methods that touch the model's layout:
+``build_model``, ``forward_backward``, the gradient and decoder operations, and the state gathering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import nn
+
+from apps.config import save_config, to_jsonable
+from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder, topk_to_jumprelu
+from sae.io import load_state
+from sae.metrics import evaluate_reconstruction
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import Prefetcher, StoreRows, TrainStream, val_batches
+from .dist import DistContext
+from .logging import METRICS_FILE, MetricsLog, TrainDisplay, plot_training_curves, read_metrics
+
+SUMMARY_FILE = "metrics_summary.json"
+CONFIG_FILE = "train_config.json"
+PLOT_FILE = "plots/training_curves.png"
+JUMPRELU_DIR = "jumprelu"
+B_PRE_SAMPLE_ROWS = 65536
+"""Training rows used to set b_pre when it cannot come from the store statistics (per-token normalisation)."""
+
+
+def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then a cosine
+    from 1 to ``final_ratio`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
+    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class SAEObjective(nn.Module):
+    """The SAE behind a forward that returns the loss, so that DistributedDataParallel's own forward runs
+    and its gradient all-reduce hooks fire (the original project called a method of ``model.module``,
+    which bypassed them, and every rank trained its own copy)."""
+
+    def __init__(self, sae: SparseAutoencoder, k_aux: int, aux_coeff: float):
+        super().__init__()
+        self.sae, self.k_aux, self.aux_coeff = sae, k_aux, aux_coeff
+
+    def forward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        out = self.sae(x, k=k, dead_mask=dead_mask, k_aux=self.k_aux, aux_coeff=self.aux_coeff)
+        l0 = (out.code.values > 0).sum(-1).float().mean()
+        return out.loss, out.mse.detach(), out.aux_loss.detach(), out.fired, out.x_hat.detach(), l0
+
+
+@dataclass
+class StepOutput:
+    """What ``forward_backward`` hands back (loss already backpropagated)."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    aux_loss: torch.Tensor
+    fired: torch.Tensor
+    """[latents held by this rank] bool."""
+    x_hat: torch.Tensor
+    """[B, d] reconstruction in the input's space."""
+    l0: torch.Tensor
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains one SAE on an activation store with the layout of ``ctx`` (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, console: Console | None = None):
+        self.cfg, self.ctx = cfg, ctx
+        # soft_wrap: long paths in redirected logs stay on one line.
+        self.console = console or Console(stderr=True, quiet=not ctx.is_main, soft_wrap=True)
+        self.device = ctx.device
+        self.out = Path(cfg.out)
+        self.rows = StoreRows(cfg.store, val_fraction=cfg.val_fraction, val_max_rows=cfg.val_max_rows, seed=cfg.seed)
+        self.stream = TrainStream(self.rows, batch_size=cfg.batch_size, data_parallel=ctx.data_parallel,
+                                  dp_rank=ctx.dp_rank, shuffle_window=cfg.shuffle_window, seed=cfg.seed)
+        self.total_steps = cfg.total_steps(self.rows.num_train_rows, ctx.data_parallel)
+        self.k_schedule = KSchedule(k=cfg.k, k_start=cfg.k_anneal_start or cfg.k, anneal_steps=cfg.k_anneal_steps,
+                                    shape=cfg.k_anneal_shape)
+        self.sae_cfg = SAEConfig(d_model=self.rows.d_model, n_latents=cfg.n_latents, architecture=cfg.architecture,
+                                 k=cfg.k, normalization=cfg.normalization, site=self.rows.site,
+                                 model_name=self.rows.model_name,
+                                 source={"trained_by": "llama3-sae train", "store": str(self.rows.path)})
+        self.use_aux = cfg.k_aux > 0 and cfg.aux_coeff > 0
+        self.step = 0
+        self.start_step = 0
+        self.elapsed_before = 0.0
+        sae = SparseAutoencoder(self.sae_cfg, seed=cfg.seed)
+        self.init_from_data(sae)
+        self.build_model(sae.to(self.device))
+        self.optimizer = torch.optim.AdamW([p for _, p in self.named_parameters()], lr=cfg.lr, betas=cfg.betas,
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay, fused=self.fused_optimizer())
+        warmup = min(cfg.warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, warmup=warmup, total=self.total_steps, final_ratio=cfg.lr_final_ratio))
+        self.ema: dict[str, torch.Tensor] | None = None
+        if cfg.ema_decay is not None:
+            self.ema = {n: t.detach().clone() for n, t in self.local_params()}
+
+    # ================================================================== layout-specific (overridden)
+    def build_model(self, sae: SparseAutoencoder) -> None:
+        """Set ``self.sae`` (the module whose weights train), ``self.model`` (what the step calls, DDP
+        when there are several ranks) and ``self.tracker``."""
+        self.sae = sae
+        objective = SAEObjective(sae, self.cfg.k_aux, self.cfg.aux_coeff)
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Gradients as views of DDP's buckets: no copy between the all-reduce and the optimizer.
+            self.model: nn.Module = DDP(objective, device_ids=ids, gradient_as_bucket_view=True)
+        else:
+            self.model = objective
+        self.tracker = DeadLatentTracker(self.cfg.n_latents, self.cfg.dead_after_tokens, device=self.device)
+
+    def fused_optimizer(self) -> bool | None:
+        """AdamW's fused kernel (one pass over each parameter instead of a dozen elementwise ops; several
+        times faster for wide SAEs on CPU) where it runs: plain float tensors on CPU or CUDA."""
+        return True if self.device.type in ("cpu", "cuda") else None
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trained parameters with their SAE names, in optimizer order."""
+        return list(self.sae.named_parameters())
+
+    def local_params(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's tensors of the parameters (the whole parameter here; a slice when sharded)."""
+        return [(n, p.data) for n, p in self.named_parameters()]
+
+    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None) -> StepOutput:
+        with self.autocast():
+            loss, mse, aux, fired, x_hat, l0 = self.model(x, k, dead_mask)
+        loss.backward()  # under DDP the gradients are averaged over ranks when this returns
+        return StepOutput(loss.detach(), mse, aux, fired, x_hat, l0)
+
+    def project_decoder_grad_(self) -> None:
+        self.sae.project_decoder_grad_()
+
+    def normalize_decoder_(self) -> None:
+        self.sae.normalize_decoder_()
+
+    def clip_grad_norm_(self) -> torch.Tensor:
+        params = [p for _, p in self.named_parameters()]
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def sync_after_step(self) -> None:
+        """Make rank-local state equal again after an optimizer step."""
+        if self.ctx.distributed and self.cfg.architecture == "batchtopk":
+            # Each rank's threshold follows its own batch; their average is the global batch's estimate.
+            t = self.sae.threshold
+            dist.all_reduce(t)
+            t.div_(self.ctx.world)
+
+    def update_dead(self, fired: torch.Tensor) -> None:
+        self.tracker.update(fired, n_tokens=self.stream.global_batch)
+        if self.ctx.data_parallel > 1:
+            self.tracker.all_reduce_(group=self.ctx.dp_group)
+
+    def dead_fraction(self) -> float:
+        return self.tracker.dead_fraction
+
+    def dead_mask(self) -> torch.Tensor | None:
+        return self.tracker.dead_mask if self.use_aux else None
+
+    @torch.no_grad()
+    def eval_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_hat [B, d], active latents in the batch, firing counts of this rank's latents, normalised MSE)."""
+        self.sae.eval()  # BatchTopK uses its inference threshold
+        try:
+            out = self.sae(x)
+        finally:
+            self.sae.train()
+        on = out.code.values > 0
+        counts = torch.bincount(out.code.indices[on], minlength=self.cfg.n_latents)
+        return out.x_hat.float(), on.sum(), counts, out.mse
+
+    def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors from this rank's pieces (named like ``local_params``); identity when unsharded."""
+        return tensors
+
+    def load_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a whole tensor ``name``."""
+        return full
+
+    def full_model_state(self, *, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The SAE's full state dict (parameters from the EMA when ``ema``). Collective when sharded."""
+        state = {k: v.detach() for k, v in self.sae.state_dict().items()}
+        if ema:
+            assert self.ema is not None
+            state.update(self.ema)
+        return state
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_state(self.sae, {k: v.to(self.sae.state_dict()[k].dtype) for k, v in state.items()},
+                   where="checkpoint")
+
+    def optimizer_state_full(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    # ================================================================== setup
+    def init_from_data(self, sae: SparseAutoencoder) -> None:
+        """b_pre and the input normalisation from the store's preprocess statistics (per-token
+        normalisation: b_pre from a sample of training rows, since it is a mean in the normalised space)."""
+        cfg = self.cfg
+        stats = self.rows.stats
+        if cfg.normalization == "per_token":
+            n = min(B_PRE_SAMPLE_ROWS, self.rows.num_train_rows)
+            sae.init_b_pre_(self.rows.gather(self.stream.stream_ids(0, n)).float())
+            return
+        if stats is None:
+            raise ValueError(f"{self.rows.path} has no statistics; run "
+                             f"`llama3-sae preprocess --store {self.rows.path}` "
+                             "first (training takes b_pre and the input normalisation from them), or train with "
+                             "--normalization per_token")
+        mean = stats["mean"].double()
+        if cfg.normalization == "dataset":
+            mean_norm = float(stats["mean_norm"][0])
+            sae.set_dataset_norm(mean_norm)
+            # b_pre lives in the normalised space: the mean of x * scale (no shift) is mean * scale.
+            mean = mean * float(sae.norm_in_scale)
+        with torch.no_grad():
+            sae.b_pre.copy_(mean.to(sae.b_pre.dtype))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.cfg.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # ================================================================== one step
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = self.k_schedule(self.step)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.forward_backward(x, k, self.dead_mask())
+        self.project_decoder_grad_()
+        grad_norm = self.clip_grad_norm_()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.normalize_decoder_()
+        self.sync_after_step()
+        self.update_dead(out.fired)
+        if self.ema is not None:
+            for name, t in self.local_params():
+                self.ema[name].lerp_(t, 1 - self.cfg.ema_decay)
+        self.step += 1
+        xf = x.float()
+        ev = 1 - (out.x_hat.float() - xf).pow(2).sum() / (xf - xf.mean(0)).pow(2).sum().clamp_min(1e-30)
+        return {"loss": out.loss.float(), "mse": out.mse.float(), "aux_loss": out.aux_loss.float(),
+                "l0": out.l0.float(), "explained_variance": ev.float(), "grad_norm": grad_norm.detach().float(),
+                "lr": torch.tensor(lr), "k": torch.tensor(float(k))}
+
+    # ================================================================== validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Metrics on the held-out rows (all of them, split over data-parallel ranks): L0, MSE in the
+        normalised space (the training loss) and in the input's space, explained variance (input space),
+        dead (never fired on these rows) and dense (fired on > 10% of them) fractions."""
+        d = self.rows.d_model
+        # err^2, sum x^2, active latents, rows, normalised squared error
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        sum_x = torch.zeros(d, dtype=torch.float64, device=self.device)
+        counts = None
+        for x in val_batches(self.rows, self.cfg.batch_size, self.ctx.dp_rank, self.ctx.data_parallel):
+            x = x.to(self.device)
+            with self.autocast():
+                x_hat, active, c, mse_n = self.eval_batch(x)
+            xd = x.double()
+            n_rows = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)
+            sums += torch.stack([(x_hat.double() - xd).pow(2).sum(), xd.pow(2).sum(), active.double(), n_rows,
+                                 mse_n.double() * x.numel()])
+            sum_x += xd.sum(0)
+            counts = c if counts is None else counts + c
+        if counts is None:  # this rank's share of the held-out rows is empty
+            counts = torch.zeros(self.local_latents(), dtype=torch.int64, device=self.device)
+        if self.ctx.data_parallel > 1:
+            for t in (sums, sum_x, counts):
+                dist.all_reduce(t, group=self.ctx.dp_group)
+        err2, sum_x2, active, n, err2_n = sums.tolist()
+        dead = torch.tensor([float((counts == 0).sum()), float((counts > 0.1 * n).sum())], device=self.device)
+        if self.ctx.model_parallel > 1:
+            dist.all_reduce(dead, group=self.ctx.mp_group)
+        total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
+        return {"l0": active / n, "mse": err2_n / (n * d), "mse_raw": err2 / (n * d),
+                "explained_variance": 1 - err2 / total_var,
+                "dead_fraction": float(dead[0]) / self.cfg.n_latents,
+                "dense_fraction": float(dead[1]) / self.cfg.n_latents,
+                "rows": int(n)}
+
+    def local_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily put the EMA weights in place of the live ones (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            backup = {n: t.clone() for n, t in self.local_params()}
+            for n, t in self.local_params():
+                t.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, t in self.local_params():
+                    t.copy_(backup[n])
+
+    # ================================================================== checkpoints
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything a resumed run needs, as whole tensors (collective when sharded)."""
+        names = [n for n, _ in self.named_parameters()]
+        tensors = {f"model.{k}": v for k, v in self.full_model_state().items()}
+        optim_tensors, groups = ckpt.flatten_optimizer(self.optimizer_state_full(), names)
+        tensors.update(optim_tensors)
+        tensors.update({f"tracker.{k}": v for k, v in self.full_tensors(
+            {"tokens_since_fired": self.tracker.tokens_since_fired}).items()})
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.full_tensors(dict(self.ema)).items()})
+        tensors.update(ckpt.rng_tensors())
+        meta = {
+            "rows_consumed": self.step * self.stream.global_batch,
+            "global_batch": self.stream.global_batch,
+            "epoch": self.stream.epoch_of(self.step),
+            "total_steps": self.total_steps,
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0),
+            "scheduler": self.scheduler.state_dict(),
+            "optimizer_param_groups": groups,
+            "identity": self.cfg.identity(),
+            "config": to_jsonable(self.cfg),
+            "sae_config": self.sae_cfg.to_dict(),
+            "world": self.ctx.world,
+            "model_parallel": self.ctx.model_parallel,
+        }
+        return tensors, meta
+
+    def save_checkpoint(self) -> None:
+        tensors, meta = self.checkpoint_state()
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(ckpt.checkpoint_root(self.out), self.step, tensors, meta, self.cfg.keep_checkpoints)
+        self.ctx.barrier()
+
+    def restore(self, path: Path) -> None:
+        tensors, meta = ckpt.load_checkpoint(path)
+        diffs = _differences(meta.get("identity", {}), self.cfg.identity())
+        if diffs:
+            raise ValueError(f"{path} was written by a run with different options ({diffs}). Re-run with the "
+                             "original options to resume, or pass --overwrite (or another --out) to start over.")
+        if meta["total_steps"] != self.total_steps:
+            raise ValueError(f"{path}: the run was planned for {meta['total_steps']} steps, this one for "
+                             f"{self.total_steps} (the store changed?); pass --overwrite to start over")
+        if meta["global_batch"] != self.stream.global_batch:
+            raise ValueError(f"{path}: the run used a global batch of {meta['global_batch']} rows per step, this one "
+                             f"{self.stream.global_batch} (--batch-size x data-parallel ranks); keep it to resume")
+        names = [n for n, _ in self.named_parameters()]
+        self.load_model_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        optim = ckpt.unflatten_optimizer(tensors, meta["optimizer_param_groups"], names)
+        self.load_optimizer_state(optim)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.tracker.load_state_dict({"tokens_since_fired": self.load_local(
+            "tokens_since_fired", tensors["tracker.tokens_since_fired"]).to(self.device),
+            "dead_after_tokens": self.cfg.dead_after_tokens})
+        if self.ema is not None:
+            for n in self.ema:
+                self.ema[n].copy_(self.load_local(n, tensors[f"ema.{n}"]))
+        ckpt.restore_rng(tensors)
+        self.step = self.start_step = int(meta["step"])
+        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
+
+    def prepare_out(self) -> Path | None:
+        """Create OUT, apply --overwrite / --resume, and return the checkpoint to resume from (or None)."""
+        root = ckpt.checkpoint_root(self.out)
+        decision: tuple[str, str] = ("ok", "")
+        if self.ctx.is_main:
+            decision = self._decide(root)
+        decision = self.ctx.broadcast_object(decision)
+        if decision[0] == "error":
+            raise ValueError(decision[1])
+        latest = decision[1] or None
+        self.ctx.barrier()
+        return Path(latest) if latest else None
+
+    def _decide(self, root: Path) -> tuple[str, str]:
+        cfg = self.cfg
+        if self.out.exists() and not self.out.is_dir():
+            return "error", f"--out {self.out} exists and is not a directory"
+        if cfg.overwrite and self.out.exists():
+            for name in (ckpt.CHECKPOINTS, METRICS_FILE, SUMMARY_FILE, JUMPRELU_DIR, "plots", "config.json",
+                         "sae.safetensors"):
+                p = self.out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
+        latest = ckpt.latest_checkpoint(root)
+        if latest is not None and not cfg.resume:
+            return "error", (f"{self.out} holds checkpoints of an earlier run; resume it (leave out --no-resume) or "
+                             "pass --overwrite to start over")
+        if latest is None and (self.out / "sae.safetensors").exists():
+            return "error", (f"{self.out} already holds an SAE and no checkpoints to resume; pass --overwrite to "
+                             "replace it or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        return "ok", str(latest) if latest is not None else ""
+
+    # ================================================================== the run
+    def run(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        latest = self.prepare_out()
+        if latest is not None:
+            self.restore(latest)
+        if ctx.is_main:
+            save_config(cfg, self.out / CONFIG_FILE)
+        self._t0 = time.perf_counter()
+        log = None
+        if ctx.is_main:
+            log = MetricsLog(self.out, resume_step=self.step if latest is not None else None, wandb=cfg.wandb,
+                             wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode, config=to_jsonable(cfg))
+        try:
+            self._describe(latest)
+            self._train(log)
+            summary = self._finish(log)
+        finally:
+            if log is not None:
+                log.close()
+        return TrainResult(self.out, self.step, summary)
+
+    def _describe(self, latest: Path | None) -> None:
+        cfg, ctx, rows = self.cfg, self.ctx, self.rows
+        c = self.console
+        c.print(f"[bold]llama3-sae train[/bold]: {rows.path} ({rows.num_rows:,} rows, d_model {rows.d_model}, site "
+                f"{rows.site}); {rows.num_train_rows:,} training rows, {len(rows.val_ids):,} held out", highlight=False)
+        layout = f"{ctx.world} process(es)" + (f" = {ctx.data_parallel} data x {ctx.model_parallel} model parallel"
+                                               if ctx.world > 1 else "")
+        c.print(f"SAE {cfg.architecture} n_latents {cfg.n_latents:,} k {cfg.k}; {self.total_steps:,} steps of "
+                f"{self.stream.global_batch:,} rows ({self.stream.epoch_of(self.total_steps):.2f} epochs); {layout} on "
+                f"{self.device}", highlight=False)
+        if not rows.shuffled:
+            shuffled = rows.store.manifest.get("shuffled_store")
+            hint = (f"; its shuffled copy is {rows.path / shuffled}" if shuffled else
+                    "; `llama3-sae preprocess` writes a globally shuffled copy")
+            c.print(f"note: this store is not globally shuffled, so rows are mixed only within windows of "
+                    f"--shuffle-window {cfg.shuffle_window} shards{hint}", highlight=False)
+        if latest is not None:
+            c.print(f"resuming from {latest} (step {self.step:,})", highlight=False)
+
+    def _train(self, log: MetricsLog | None) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        display = TrainDisplay(self.console, self.total_steps, self.step, enabled=cfg.progress and ctx.is_main)
+        prefetch = Prefetcher(self.stream.batch, self.step, self.total_steps, cfg.prefetch)
+        acc: dict[str, torch.Tensor] = {}
+        n_acc = 0
+        window_t0, window_step = time.perf_counter(), self.step
+        try:
+            with display:
+                while self.step < self.total_steps:
+                    x = prefetch.get(self.step).to(self.device, non_blocking=True)
+                    metrics = self.train_step(x)
+                    for key, v in metrics.items():
+                        acc[key] = acc[key] + v if key in acc else v.clone()
+                    n_acc += 1
+                    display.advance(self.step)
+                    last = self.step == self.total_steps
+                    if self.step % cfg.log_every == 0 or last:
+                        now = time.perf_counter()
+                        record = self._train_record(acc, n_acc, now - window_t0, self.step - window_step)
+                        acc, n_acc, window_t0, window_step = {}, 0, now, self.step
+                        if log is not None:
+                            log.log(record)
+                        display.add(record)
+                    if cfg.val_every and self.step % cfg.val_every == 0 and not last:
+                        record = self._val_record()
+                        if log is not None:
+                            log.log(record)
+                    if self.step % cfg.checkpoint_every == 0 or last:
+                        self.save_checkpoint()
+        finally:
+            prefetch.close()
+
+    def _train_record(self, acc: dict[str, torch.Tensor], n: int, seconds: float, steps: int) -> dict[str, Any]:
+        keys = sorted(acc)
+        vec = torch.stack([acc[k].to(self.device, torch.float64) for k in keys]) / max(n, 1)
+        if self.ctx.distributed:
+            dist.all_reduce(vec)
+            vec /= self.ctx.world
+        values = dict(zip(keys, vec.tolist()))
+        tokens_per_s = steps * self.stream.global_batch / seconds if seconds > 0 else math.nan
+        remaining = (self.total_steps - self.step) * self.stream.global_batch
+        record = {"split": "train", "step": self.step, "tokens": self.step * self.stream.global_batch,
+                  "epoch": self.stream.epoch_of(self.step), **values, "k": round(values["k"]),
+                  "dead_fraction": self.dead_fraction(), "tokens_per_s": tokens_per_s,
+                  "eta_s": remaining / tokens_per_s if tokens_per_s > 0 else math.nan,
+                  "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0}
+        return record
+
+    def _val_record(self) -> dict[str, Any]:
+        with self.ema_weights():
+            values = self.validate()
+        return {"split": "val", "step": self.step, "tokens": self.step * self.stream.global_batch,
+                "epoch": self.stream.epoch_of(self.step), **values}
+
+    # ================================================================== the end
+    def final_sae(self) -> SparseAutoencoder | None:
+        """The trained SAE on rank 0 (None elsewhere): the live weights, or the EMA with its decoder
+        norms folded into the encoder so that every decoder row has unit norm again."""
+        state = self.full_model_state(ema=self.ema is not None)
+        if not self.ctx.is_main:
+            return None
+        sae = SparseAutoencoder(self.sae_cfg, seed=None)
+        load_state(sae, {k: v.detach().cpu() for k, v in state.items()}, where="trained SAE")
+        if self.ema is not None:
+            with torch.no_grad():
+                # h_i W_dec_i = (h_i n_i)(W_dec_i / n_i): scaling latent i's encoder row and bias by n_i keeps
+                # every reconstruction (for the same selection) with a unit-norm decoder row.
+                norms = sae.W_dec.norm(dim=1).clamp_min(1e-12)
+                sae.W_dec.div_(norms[:, None])
+                sae.W_enc.mul_(norms[:, None])
+                sae.b_enc.mul_(norms)
+        return sae
+
+    def _finish(self, log: MetricsLog | None) -> dict[str, Any]:
+        cfg = self.cfg
+        val = self._val_record()
+        sae = self.final_sae()
+        summary: dict[str, Any] = {}
+        if self.ctx.is_main:
+            assert sae is not None and log is not None
+            records = read_metrics(self.out / METRICS_FILE)
+            # A run resumed after it had finished training repeats only this step: report it once.
+            if not any(r.get("split") == "val" and r.get("step") == self.step for r in records):
+                log.log(val)
+                records.append(val)
+            sae.save(self.out)
+            self.console.print(f"saved the SAE to {self.out}: val L0 {val['l0']:.1f}, explained variance "
+                               f"{val['explained_variance']:.4f}, dead {val['dead_fraction']:.2%}", highlight=False)
+            last_train = next((r for r in reversed(records) if r.get("split") == "train"), {})
+            summary = {
+                "steps": self.step, "resumed_from_step": self.start_step,
+                "tokens": self.step * self.stream.global_batch,
+                "epochs": self.stream.epoch_of(self.step), "global_batch": self.stream.global_batch,
+                "world": self.ctx.world, "model_parallel": self.ctx.model_parallel,
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0,
+                "ema": cfg.ema_decay is not None,
+                "val": {k: v for k, v in val.items() if k not in ("split", "step", "tokens", "epoch")},
+                "train_last": {k: v for k, v in last_train.items() if k not in ("split",)},
+                "sae_config": sae.cfg.to_dict(),
+            }
+            if cfg.jumprelu:
+                summary["jumprelu"] = self._write_jumprelu(sae)
+            if cfg.plots:
+                try:
+                    summary["plot"] = str(plot_training_curves(records, self.out / PLOT_FILE))
+                except ImportError:
+                    self.console.print("note: matplotlib is not installed, so no plots were written "
+                                       "(pip install 'llama3-sae[plots]')", highlight=False)
+            text = json.dumps(summary, indent=2) + "\n"
+            tmp = self.out / (SUMMARY_FILE + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(self.out / SUMMARY_FILE)
+        self.ctx.barrier()
+        return summary
+
+    def _write_jumprelu(self, sae: SparseAutoencoder) -> dict[str, Any]:
+        """JumpReLU thresholds fitted on training rows (stream order, so reproducible), scored on the held-out rows."""
+        n = min(self.cfg.jumprelu_rows, self.rows.num_train_rows)
+        ids = self.stream.stream_ids(0, n)
+        fit = [self.rows.gather(ids[i:i + self.cfg.batch_size]).float() for i in range(0, n, self.cfg.batch_size)]
+        jump = topk_to_jumprelu(sae, fit)
+        path = self.out / JUMPRELU_DIR
+        jump.save(path)
+        report = evaluate_reconstruction(jump, val_batches(self.rows, self.cfg.batch_size))
+        scores = {k: v for k, v in report.as_dict().items() if k != "density_histogram"}
+        out = {"path": str(path), "fit_rows": n, **scores}
+        self.console.print(f"saved the JumpReLU conversion to {path}: val L0 {report.l0:.1f}, explained variance "
+                           f"{report.explained_variance:.4f}", highlight=False)
+        return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def build_trainer(cfg: TrainConfig, ctx: DistContext, console: Console | None = None) -> Trainer:
+    """The trainer for the layout: latent-sharded when --model-parallel > 1, else one process or DDP."""
+    if cfg.model_parallel > 1:
+        from .sharded import ShardedTrainer
+
+        return ShardedTrainer(cfg, ctx, console)
+    return Trainer(cfg, ctx, console)
+
+
+def run_train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
+    """Set up torch.distributed from torchrun's environment (if any), train, tear down."""
+    from .dist import setup_distributed
+
+    ctx = setup_distributed(cfg.device, cfg.model_parallel, cfg.dist_timeout_min)
+    # This is the job's entry point, so it owns the process RNGs: seeded here for a fresh run (torch seeds
+    # them from the OS otherwise), restored from the checkpoint on resume. The training itself draws
+    # from its own seeded generators.
+    torch.manual_seed(cfg.seed)
+    trainer = build_trainer(cfg, ctx, console)
+    result = trainer.run()
+    del trainer  # release DDP / DTensor state before the process group goes
+    # Only after success: after a failure the other ranks may sit in a collective, and a barrier in the
+    # teardown would hang instead of letting torchrun stop the job.
+    ctx.close()
+    return result
+
+
