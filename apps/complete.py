@@ -1,4 +1,8 @@
-"""``llama3-sae complete``: stream text completions for one or more prompts."""
+"""``llama3-sae complete``: stream text completions for one or more prompts, batched, optionally steered.
+
+On a terminal the completions grow live in one view, with a panel of the top active SAE latents (and
+their labels) at the latest token of each prompt when ``--sae`` is given. Piped, the text is printed plainly.
+"""
 
 from __future__ import annotations
 
@@ -8,108 +12,65 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.live import Live
-from rich.panel import Panel
 from rich.text import Text
 
-from llama3 import Llama
-
-from .common import DTYPES, DTypeName, resolve_device
 from .config import add_dataclass_args, from_namespace
+from .engine import Engine, ModelOptions, SaeOptions, Sampling, SamplingOptions
+from .terminal import StreamView, describe_edit, make_console
 
 
 @dataclass
-class CompleteConfig:
-    ckpt_dir: Path
-    """Checkpoint directory: Meta layout (params.json, consolidated.*.pth, tokenizer.model) or HF layout
-    (config.json, *.safetensors, tokenizer.model or original/tokenizer.model)."""
+class CompleteConfig(SamplingOptions, SaeOptions, ModelOptions):
     prompts: list[str] = field(default_factory=list)
     """Prompts to complete, batched together."""
     prompts_file: Path | None = None
-    """A file with one prompt per line (blank lines skipped), added after the positional prompts."""
-    temperature: float = 0.6
-    """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 0.9
-    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
-    seed: int | None = None
-    """Random seed; row i of the batch samples with seed + i. Unset: nondeterministic."""
-    max_new_tokens: int = 64
-    """Most tokens generated per prompt (fewer if a stop token comes first)."""
-    max_seq_len: int = 2048
-    """Context length of the KV cache (prompt + completion)."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
-    dtype: DTypeName = "bf16"
-    """Weight and activation dtype."""
+    """A file with one prompt per line (blank lines skipped), added after the positional prompts; - reads
+    standard input."""
     bos: bool = True
     """Start each prompt with <|begin_of_text|>."""
-    compile: bool = False
-    """torch.compile the decode step: faster decoding after a compile of a few seconds to minutes."""
+    fps: float = 12.0
+    """Most screen refreshes per second of the live view (a terminal only)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        super().__post_init__()
+        if self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
 
     def all_prompts(self) -> list[str]:
         prompts = list(self.prompts)
         if self.prompts_file is not None:
-            if not self.prompts_file.is_file():
+            if str(self.prompts_file) == "-":
+                text = sys.stdin.read()
+            elif self.prompts_file.is_file():
+                text = self.prompts_file.read_text(encoding="utf-8")
+            else:
                 raise SystemExit(f"--prompts-file {self.prompts_file}: no such file")
-            prompts += [line.rstrip("\n") for line in self.prompts_file.read_text().splitlines() if line.strip()]
+            prompts += [line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise SystemExit("no prompts: give them as arguments or with --prompts-file")
         return prompts
 
 
-def stream_to_console(llm: Llama, prompts: list[str], *, temperature: float, top_p: float, max_new_tokens: int,
-                      seed: int | None, bos: bool = True, console: Console | None = None) -> list[str]:
-    """Stream completions of ``prompts``: live panels on a terminal, plain text otherwise. Returns the texts."""
-    console = console or Console()
-    steps = llm.stream_text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_new_tokens,
-                                       seed=seed, bos=bos)
-    texts = [""] * len(prompts)
-    if not console.is_terminal:
-        out = sys.stdout
-        single = len(prompts) == 1
-        if single:
-            out.write(prompts[0])
-        for step in steps:
-            for i, d in enumerate(step.deltas):
-                texts[i] += d
-            if single and step.deltas[0]:
-                out.write(step.deltas[0])
-                out.flush()
-        if single:
-            out.write("\n")
-        else:
-            for i, p in enumerate(prompts):
-                out.write(f"[{i}] {p}{texts[i]}\n")
-        out.flush()
-        return texts
-
-    def render() -> Panel | Text:
-        blocks = Text()
-        for i, p in enumerate(prompts):
-            if i:
-                blocks.append("\n\n")
-            blocks.append(p, style="bold")
-            blocks.append(texts[i])
-        return Panel(blocks, title="completions", border_style="cyan")
-
-    with Live(render(), console=console, refresh_per_second=12) as live:
-        for step in steps:
-            for i, d in enumerate(step.deltas):
-                texts[i] += d
-            live.update(render())
-    return texts
+def run_complete(cfg: CompleteConfig, console: Console | None = None) -> list[str]:
+    """Load, check, stream and show; returns the completions' texts."""
+    prompts = cfg.all_prompts()
+    console = console or make_console()
+    engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=len(prompts))
+    edits = engine.parse_edits(cfg.steer)
+    tokens = engine.encode_prompts(prompts, bos=cfg.bos)  # errors (too long, ...) before anything is drawn
+    if edits:
+        # On stderr, so a piped stdout holds only the completions.
+        make_console(stderr=True).print(Text("steering: " + "; ".join(describe_edit(e, engine.catalog) for e in edits)))
+    view = StreamView(console, prompts, catalog=engine.catalog, edits=edits, show_latents=cfg.latents > 0,
+                      fps=cfg.fps)
+    return view.run(engine.stream(tokens, Sampling.of(cfg), edits, top_latents=cfg.latents))
 
 
 def main_complete(argv: list[str] | None = None, prog: str = "llama3-sae complete") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="example:\n  llama3-sae complete --ckpt-dir DIR --sae SAE_DIR "
+                                            "\"The delegates gathered at the\" --steer 896=20 --seed 42")
     add_dataclass_args(parser, CompleteConfig, skip=("prompts",))
     parser.add_argument("prompts", nargs="*", help="prompts to complete, batched together")
     ns = parser.parse_args(argv)
@@ -117,9 +78,5 @@ def main_complete(argv: list[str] | None = None, prog: str = "llama3-sae complet
         cfg = from_namespace(CompleteConfig, ns)
     except ValueError as e:
         parser.error(str(e))
-    prompts = cfg.all_prompts()
-    llm = Llama.build(cfg.ckpt_dir, max_seq_len=cfg.max_seq_len, max_batch_size=len(prompts),
-                      device=resolve_device(cfg.device), dtype=DTYPES[cfg.dtype], compile=cfg.compile)
-    stream_to_console(llm, prompts, temperature=cfg.temperature, top_p=cfg.top_p,
-                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, bos=cfg.bos)
+    run_complete(cfg)
     return 0

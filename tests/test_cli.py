@@ -21,7 +21,8 @@ def tiny_ckpt(tmp_path_factory):
     return ensure_tiny_checkpoint(tmp_path_factory.mktemp("cache"))
 
 
-def test_tiny_checkpoint_is_cached_and_loadable(tiny_ckpt, tmp_path):
+def test_tiny_checkpoint_is_cached_and_loadable(tiny_ckpt, tmp_path, monkeypatch):
+    import apps.demo
     from apps.demo import ensure_tiny_checkpoint
     from llama3 import Llama
 
@@ -33,10 +34,13 @@ def test_tiny_checkpoint_is_cached_and_loadable(tiny_ckpt, tmp_path):
     assert params["vocab_size"] == 128256
     llm = Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=1, device="cpu", dtype=torch.float32)
     assert llm.tokenizer.n_words == 128256
-    # Seeded weights: writing it again elsewhere gives the same model.
-    again = ensure_tiny_checkpoint(tmp_path)
-    a = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
-    b = torch.load(again / "consolidated.00.pth", weights_only=True)
+    # Trained on the bundled sentences: greedy decoding continues the first one as written.
+    out = llm.text_completion(["The delegates gathered at the"], temperature=0.0, max_gen_len=12)[0]
+    assert out.text.startswith(" conference hall") and out.stop_reason in ("stop", "length")
+    # Seeded: the recipe gives the same weights twice (checked on a short run, to keep the test fast).
+    monkeypatch.setattr(apps.demo, "TINY_TRAIN_STEPS", 5)
+    a = torch.load(ensure_tiny_checkpoint(tmp_path / "a") / "consolidated.00.pth", weights_only=True)
+    b = torch.load(ensure_tiny_checkpoint(tmp_path / "b") / "consolidated.00.pth", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -63,10 +67,42 @@ def test_complete_single_prompt_streams_plain_text(tiny_ckpt, tmp_path):
     assert proc.stdout.startswith("Once upon a time") and len(proc.stdout) > len("Once upon a time\n")
 
 
-def test_demo_runs(tiny_ckpt, capsys):
-    assert main(["demo", "--cache-dir", str(tiny_ckpt.parent), "--max-new-tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "[0] The delegates gathered at the" in out and "[1] Senior diplomats met to discuss" in out
+def test_demo_runs_the_whole_pipeline(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from sae import load_sae
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    work = tmp_path / "demo"
+    assert main(["demo", "--cache-dir", str(tiny_ckpt.parent), "--work-dir", str(work), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == "== unsteered" and lines[3].startswith("== steered: latent ")
+    assert lines[1].startswith("[0] The delegates gathered at the") and lines[2].startswith("[1] Senior diplomats")
+    assert lines[4].startswith("[0] The delegates gathered at the") and lines[5].startswith("[1] Senior diplomats")
+    # Steering the chosen latent changes the completions (both runs use the same seed).
+    assert lines[4:6] != lines[1:3]
+    assert "7/7" in err and "No ANTHROPIC_API_KEY: these are heuristic labels" in err
+    # Every stage left its output: the SAE, its top examples and its (heuristic) labels.
+    sae = load_sae(work / "sae")
+    assert sae.cfg.site == "L2R" and sae.cfg.n_latents == 256
+    assert (work / "sae" / "top_examples.jsonl").is_file()
+    labels = [json.loads(line) for line in (work / "sae" / "latents.jsonl").read_text().splitlines()]
+    assert labels and all(r["source"].startswith("heuristic") for r in labels)
+
+
+def test_demo_never_clears_a_folder_it_did_not_make(tmp_path):
+    from apps.demo import prepare_work_dir
+
+    mine = tmp_path / "mine"
+    (mine / "old").mkdir(parents=True)
+    (mine / "keep.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not made by the demo"):
+        prepare_work_dir(mine)
+    assert (mine / "keep.txt").read_text() == "precious"
+    demo = tmp_path / "demo"
+    prepare_work_dir(demo)
+    (demo / "stale").write_text("x")
+    prepare_work_dir(demo)  # made by the demo: cleared
+    assert [p.name for p in demo.iterdir()] == [".llama3-sae-demo"]
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -1,0 +1,113 @@
+"""Which SAE latents made the model choose a token (Goodfire-style attribution).
+
+For a text (token ids) and a position ``p`` holding the token to explain, the metric is
+
+    m = logit(token at p) - mean(logits)          (the logits the model computed at position p - 1)
+
+and a latent's score is the gradient of m with respect to that latent's activation, summed over every
+position 0..p-1 the SAE reads: how much m would grow, to first order, if the latent were raised by one
+everywhere. That is exactly what steering that latent by +1 does, so the top latents are the ones to
+steer to make the token more likely (negative scores: less likely). Latents that are off get a score too:
+the SAE's decoder is linear, so the gradient exists for every latent, active or not.
+
+The forward runs without the KV cache, with the session's steering spliced in (attribution explains
+what the steered model did), and builds a graph only from the SAE's site onwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from sae import Edit, steer_fn
+
+from .engine import Engine
+
+
+@dataclass
+class Attribution:
+    tokens: list[int]
+    """The token ids read (position 0..p-1) plus the explained token at position p."""
+    position: int
+    """p: the index in ``tokens`` of the explained token."""
+    token_text: str
+    metric: float
+    """logit(token) - mean logit at position p - 1."""
+    scores: torch.Tensor
+    """[n_latents] d metric / d activation, summed over positions 0..p-1 (float32, CPU)."""
+    max_acts: torch.Tensor
+    """[n_latents] each latent's largest activation over positions 0..p-1, read from the steered activations."""
+
+    def top(self, k: int = 10, *, negative: bool = False) -> list[tuple[int, float, float]]:
+        """(latent, score, max activation) of the k highest scores (lowest with ``negative``)."""
+        k = min(k, self.scores.numel())
+        vals, idx = (-self.scores if negative else self.scores).topk(k)
+        return [(int(i), float(self.scores[i]), float(self.max_acts[i])) for i in idx.tolist()]
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
+    # A forward at start_pos=0 with the cache present would write graph-carrying keys/values into the
+    # cache buffers; detaching the caches makes this a plain causal forward and leaves them untouched.
+    caches = [block.attention.cache for block in model.layers]
+    for block in model.layers:
+        block.attention.cache = None
+    try:
+        yield
+    finally:
+        for block, cache in zip(model.layers, caches):
+            block.attention.cache = cache
+
+
+def attribute(engine: Engine, tokens: Sequence[int], position: int | None = None,
+              edits: Sequence[Edit] = ()) -> Attribution:
+    """Attribute the token at ``tokens[position]`` (default: the last one) to the SAE's latents."""
+    sae, site = engine.sae, engine.site
+    if sae is None or site is None:
+        raise ValueError("attribution needs an SAE: start the app with --sae SAE_DIR")
+    tokens = [int(t) for t in tokens]
+    position = len(tokens) - 1 if position is None else int(position)
+    if not 1 <= position < len(tokens):
+        raise ValueError(f"position {position} cannot be explained: it must be in 1..{len(tokens) - 1} (a token "
+                         "with at least one token before it)")
+    if position > engine.max_seq_len:
+        raise ValueError(f"position {position} is past the context of {engine.max_seq_len} tokens")
+    engine.check_edits(edits)
+    model = engine.llm.model
+    steer = steer_fn(sae, tuple(edits))
+    read: dict[str, torch.Tensor] = {}
+
+    def at_site(x: torch.Tensor) -> torch.Tensor:
+        # A fresh leaf: the gradient stops here, so nothing before the site is differentiated.
+        y = steer(x).detach().requires_grad_(True)
+        read["y"] = y
+        return y
+
+    device = model.tok_embeddings.weight.device
+    ids = torch.tensor([tokens[:position]], dtype=torch.long, device=device)
+    target = tokens[position]
+    with engine.lock, _without_kv_cache(model), torch.enable_grad():
+        model.set_hooks(None, {site: at_site})
+        try:
+            logits = model(ids, 0, last_only=True)[0, -1].float()  # [vocab]
+            metric = logits[target] - logits.mean()
+            (grad,) = torch.autograd.grad(metric, read["y"])
+        finally:
+            model.set_hooks(None, None)
+    y = read["y"].detach()[0].float()  # [T, d]
+    g = grad[0].float()  # [T, d]
+    with torch.no_grad():
+        # d y_t / d h_{t,i} = W_dec[i] / out_scale_t (decode is linear in h), so the summed gradient is
+        # W_dec @ sum_t g_t / out_scale_t.
+        stats = sae.norm_stats(y)
+        summed = (g / stats.out_scale).sum(0) if sae.cfg.normalization != "none" else g.sum(0)
+        scores = sae.W_dec.float() @ summed
+        code = sae.encode(y, sparse=True)
+        max_acts = torch.zeros(sae.cfg.n_latents, device=y.device)
+        max_acts.scatter_reduce_(0, code.indices.reshape(-1), code.values.float().reshape(-1), "amax")
+    return Attribution(tokens=tokens[:position + 1], position=position,
+                       token_text=engine.llm.tokenizer.decode([target]), metric=float(metric.detach()),
+                       scores=scores.cpu(), max_acts=max_acts.cpu())

@@ -1,0 +1,234 @@
+"""The apps' engine (model + SAE + steering + latent readings), the latent catalog and attribution,
+checked against independent computations on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("llama_models")
+
+from apps_support import N_LATENTS, SITE, build_env  # noqa: E402
+
+from apps.attribution import attribute  # noqa: E402
+from apps.engine import Engine, ModelOptions, Sampling, apply_edits  # noqa: E402
+from apps.latents import UNLABELLED, LatentCatalog, read_max_activations  # noqa: E402
+from sae import Edit, SAEConfig, SparseAutoencoder, load_sae, steer_fn  # noqa: E402
+
+PROMPTS = ["The delegates gathered at the", "Hello"]
+GREEDY = Sampling(temperature=0.0, top_p=0.9, seed=None, max_new_tokens=6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny model's matrices are too small to gain from a second thread, and on a busy 2-core machine
+    # the threads' synchronisation makes everything several times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return build_env(tmp_path_factory.getbasetemp() / "apps-env")
+
+
+@pytest.fixture(scope="module")
+def engine(env):
+    return Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=64, device="cpu", dtype="fp32"), env.sae,
+                       max_batch_size=4)
+
+
+def _run(engine, prompts, sampling, edits=(), top=5):
+    steps = list(engine.stream(engine.encode_prompts(prompts), sampling, edits, top_latents=top))
+    return steps, steps[-1].completions
+
+
+def _site_acts(engine, ids: list[int]) -> torch.Tensor:
+    """The SAE site's activations [T, d] of ``ids``, from a plain forward without the KV cache."""
+    model = engine.llm.model
+    model.set_hooks([SITE], None)
+    try:
+        acts = model.forward_activations(torch.tensor([ids]))[SITE][0]
+    finally:
+        model.set_hooks(None, None)
+    return acts.float()
+
+
+def test_stream_matches_the_model_and_reads_the_latest_token(engine):
+    steps, completions = _run(engine, PROMPTS, GREEDY)
+    ref = engine.llm.text_completion(PROMPTS, temperature=0.0, max_gen_len=6)
+    assert [c.text for c in completions] == [r.text for r in ref]
+    texts = ["", ""]
+    for s in steps:
+        texts = [t + d for t, d in zip(texts, s.deltas)]
+    assert texts == [r.text for r in ref]
+    # Every reading is the SAE's code at the token the model just processed: replay the whole sequence
+    # without the cache and compare position by position.
+    tok = engine.llm.tokenizer
+    for row, c in enumerate(completions):
+        full = c.prompt_tokens + c.tokens
+        h = engine.sae.encode(_site_acts(engine, full))  # [T, n_latents]
+        pos = min(len(x.prompt_tokens) for x in completions) - 1
+        checked = 0
+        for s in steps:
+            if s.token[row] is not None:
+                assert s.token[row] == tok.decode([full[pos]])
+                vals, idx = h[pos].topk(5)
+                got = s.latents[row]
+                assert [i for i, _ in got] == [int(i) for i, v in zip(idx, vals) if v > 0]
+                assert [v for _, v in got] == pytest.approx([float(v) for v in vals if v > 0], abs=1e-4)
+                checked += 1
+            pos += 1
+        assert checked >= len(c.tokens) - 1
+    # The output latents: the largest value of each latent over the positions that produced the output.
+    last = steps[-1].output_latents
+    for row, c in enumerate(completions):
+        full = c.prompt_tokens + c.tokens
+        h = engine.sae.encode(_site_acts(engine, full))
+        span = h[len(c.prompt_tokens) - 1: len(full) - 1].max(0).values
+        vals, idx = span.topk(5)
+        assert [i for i, _ in last[row]] == idx.tolist()
+        assert [v for _, v in last[row]] == pytest.approx(vals.tolist(), abs=1e-4)
+
+
+def test_steering_is_per_call_and_equals_the_hooked_model(engine):
+    edit = Edit(3, "add", 40.0)
+    _, base = _run(engine, PROMPTS, GREEDY, top=0)
+    steps, steered = _run(engine, PROMPTS, GREEDY, [edit])
+    assert [c.text for c in steered] != [c.text for c in base]
+    # The same as setting the SAE hook by hand on the model.
+    model = engine.llm.model
+    model.set_hooks(None, {SITE: steer_fn(engine.sae, [edit])})
+    try:
+        ref = engine.llm.text_completion(PROMPTS, temperature=0.0, max_gen_len=6)
+    finally:
+        model.set_hooks(None, None)
+    assert [c.text for c in steered] == [r.text for r in ref]
+    # Nothing is left behind: the next unsteered call is the unsteered output again.
+    _, again = _run(engine, PROMPTS, GREEDY, top=0)
+    assert [c.text for c in again] == [c.text for c in base]
+    assert model.sae_fns == {} and model.store_sites == ()
+    # The panel shows the steered latent with its edited value (h + 40 dominates).
+    for s in steps:
+        for row in range(2):
+            if s.token[row] is not None:
+                assert s.latents[row][0][0] == 3 and s.latents[row][0][1] >= 40.0
+
+
+def test_sampled_rows_are_reproducible_with_a_seed(engine):
+    sampling = Sampling(temperature=0.9, top_p=0.95, seed=7, max_new_tokens=5)
+    _, a = _run(engine, PROMPTS, sampling)
+    _, b = _run(engine, PROMPTS, sampling)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+
+
+def test_apply_edits_matches_the_edit_semantics():
+    h = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 5.0]])
+    out = apply_edits(h.clone(), [Edit(0, "add", 1.5), Edit(1, "set", 7.0, rows=(1,)), Edit(2, "zero"),
+                                  Edit(0, "clamp", max=2.0)])
+    assert out.tolist() == [[2.0, 2.0, 0.0], [2.0, 7.0, 0.0]]
+
+
+def test_input_errors_are_clear(engine, env):
+    with pytest.raises(ValueError, match=r"latent 64 is out of range: this SAE has latents 0\.\.63"):
+        engine.parse_edits(["64=1"])
+    with pytest.raises(ValueError, match="put the prompts before --steer"):
+        engine.parse_edits(["The cat"])
+    with pytest.raises(ValueError, match=r"prompt 2 has \d+ tokens.*context of 64 tokens.*--max-seq-len"):
+        engine.encode_prompts(["ok", "word " * 80])
+    with pytest.raises(ValueError, match="5 prompts.*at most 4"):
+        engine.encode_prompts(["a"] * 5)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.encode_prompts(["  ", "x"])
+    with pytest.raises(ValueError, match="no room for a reply"):
+        engine.encode_dialog([{"role": "user", "content": "word " * 80}])
+
+
+def test_an_sae_that_does_not_fit_is_refused_before_the_model_loads(env, tmp_path):
+    wide = SparseAutoencoder(SAEConfig(d_model=128, n_latents=16, k=2, site=SITE), seed=0)
+    wide.save(tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"does not fit the model.*d_model=128.*width is 64"):
+        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", dtype="fp32"), tmp_path / "wide")
+    deep = SparseAutoencoder(SAEConfig(d_model=64, n_latents=16, k=2, site="L9R"), seed=0)
+    deep.save(tmp_path / "deep")
+    with pytest.raises(ValueError, match=r"L9R is past the model's last layer \(3\)"):
+        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", dtype="fp32"), tmp_path / "deep")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", dtype="fp32"), tmp_path / "missing")
+
+
+def test_catalog_reads_labels_and_ranges(env):
+    from interpret import iter_examples
+
+    catalog = LatentCatalog.from_dir(env.sae, N_LATENTS)
+    stats = {r.latent: r.stats.get("max", 0.0) for r in iter_examples(env.sae)}
+    assert read_max_activations(env.sae) == {k: v for k, v in stats.items() if v > 0}
+    live = [k for k, v in stats.items() if v > 0]
+    assert live, "the test SAE should have live latents"
+    lo, hi = catalog.slider_range(live[0])
+    assert hi == pytest.approx(2 * stats[live[0]], rel=5e-3) and lo == -hi
+    assert catalog.all_heuristic and "local heuristic" in catalog.provenance()
+    # Search: every word must start a word of the label; a number finds that latent first.
+    rec = catalog.info(live[0])
+    word = rec.label.split("'")[1]
+    assert live[0] in [h.latent for h in catalog.search(word)]
+    assert catalog.search(str(live[0]))[0].latent == live[0]
+    assert catalog.search("") == []
+
+
+def test_catalog_search_matches_word_starts(tmp_path):
+    lines = [{"latent": 0, "label": "rain and weather", "certainty": 0.5, "source": "x"},
+             {"latent": 1, "label": "trained models", "certainty": 0.9, "source": "x"},
+             {"latent": 2, "label": "Rainfall totals", "certainty": 0.8, "source": "x"}]
+    (tmp_path / "latents.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    catalog = LatentCatalog.from_dir(tmp_path, 3)
+    assert [h.latent for h in catalog.search("rain")] == [2, 0]  # clearest first; not "trained"
+    assert [h.latent for h in catalog.search("rain weather")] == [0]
+    assert catalog.label(1) == "trained models" and not catalog.all_heuristic
+    assert LatentCatalog.from_dir(tmp_path / "none", 3).label(2) == UNLABELLED
+    assert catalog.slider_range(1, default=7.0) == (-7.0, 7.0)  # no top examples: the default
+    with pytest.raises(ValueError, match="out of range"):
+        catalog.info(3)
+
+
+def test_attribution_is_the_summed_gradient(engine):
+    """Each score equals the finite-difference change of (logit - mean logit) when the latent is raised
+    by epsilon at every position, which is what steering it does."""
+    ids = engine.encode_prompts(["The delegates gathered at the hall and"])[0]
+    edits = [Edit(5, "add", 2.0)]
+    result = attribute(engine, ids, edits=edits)
+    model = engine.llm.model
+    caches = [b.attention.cache for b in model.layers]
+
+    def metric(extra):
+        for b in model.layers:
+            b.attention.cache = None
+        model.set_hooks(None, {SITE: steer_fn(engine.sae, [*edits, *extra])})
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[:-1]]), 0, last_only=True)[0, -1].double()
+        finally:
+            model.set_hooks(None, None)
+            for b, c in zip(model.layers, caches):
+                b.attention.cache = c
+        return float(logits[ids[-1]] - logits.mean())
+
+    assert result.metric == pytest.approx(metric([]), abs=1e-4)
+    eps = 1e-2
+    for latent, score, _ in result.top(3) + result.top(2, negative=True):
+        fd = (metric([Edit(latent, "add", eps)]) - metric([Edit(latent, "add", -eps)])) / (2 * eps)
+        assert score == pytest.approx(fd, rel=2e-2, abs=2e-3)
+    assert result.top(1)[0][1] > 0 > result.top(1, negative=True)[0][1]
+    # The caches are back and the model still generates as before.
+    assert all(b.attention.cache is c for b, c in zip(model.layers, caches))
+    with pytest.raises(ValueError, match="must be in 1.."):
+        attribute(engine, ids, position=0)
+
+
+def test_load_sae_of_the_env_is_usable(env):
+    sae = load_sae(env.sae)
+    assert sae.cfg.site == SITE and sae.cfg.n_latents == N_LATENTS
