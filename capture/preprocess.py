@@ -138,7 +138,6 @@ class _ScatterResult:
 
 def _scatter(job: _ScatterJob) -> _ScatterResult:
     """Pass 1 for one input shard: statistics, and the rows grouped by a random bucket per row."""
-    torch.set_num_threads(1)
     t = read_tensors(Path(job.path), job.sha256)
     acts = t["activations"]
     if acts.shape[0] != job.rows:
@@ -166,7 +165,6 @@ class _GatherJob:
 
 def _gather(job: _GatherJob) -> dict[str, Any]:
     """Pass 2 for one bucket: its slice of every scratch file, permuted, written as one output shard."""
-    torch.set_num_threads(1)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in COLUMNS}
     for path in job.scratch:
         with safe_open(path, framework="pt") as f:
@@ -191,7 +189,10 @@ def _map(fn: Callable[[Any], Any], jobs: list[Any], workers: int) -> Iterator[An
     if workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+    # One thread per pool worker, so workers do not oversubscribe the cores; set in the workers only,
+    # never in the caller, whose thread count is not ours to change.
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=torch.set_num_threads,
+                                                   initargs=(1,)) as pool:
         yield from pool.imap(fn, jobs)
 
 

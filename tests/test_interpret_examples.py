@@ -28,6 +28,17 @@ N_LATENTS = 256
 DEAD = 255
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Results are compared bit for bit across processes (the SIGKILL test's CLI child against the in-process
+    # uninterrupted run), and a CPU matmul's rounding depends on the intra-op thread count: pin it here and in
+    # the child (OMP_NUM_THREADS=1) rather than inherit whatever count earlier tests left this process at.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=128256,
@@ -211,7 +222,7 @@ def test_sigkill_and_rerun_through_the_cli(ckpt, reference, uninterrupted, tmp_p
         opts += ["--" + name.replace("_", "-"), str(getattr(c, name))]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "interpret", "top-examples", *opts, "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state_path = out / "top_examples.work" / "state.json"
     deadline, done = time.monotonic() + 90, 0
