@@ -84,6 +84,7 @@ class Llama:
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self._decode_step: Callable | None = None
+        self._prefill: Callable | None = None
 
     @staticmethod
     def build(ckpt_dir: str | Path, max_seq_len: int = 2048, max_batch_size: int = 4,
@@ -112,14 +113,28 @@ class Llama:
         llm.load_seconds = time.perf_counter() - start
         return llm
 
-    def compile(self, **kwargs) -> None:
-        """Compile the decode step (one token per row, static-shape cache path)."""
+    def compile(self, *, prefill: bool = False, **kwargs) -> None:
+        """Compile the decode step (one token per row, static-shape cache path).
+
+        The defaults come from ``llama3.compilation.decode_compile_options`` for the model's device
+        (on CPU: inductor with matrix-vector products as streaming reductions); ``kwargs`` override
+        them (e.g. ``backend=...`` or ``mode=...``, which replace the device's defaults).
+        ``prefill=True`` also compiles the multi-token forward, with dynamic shapes (one graph for all
+        prompt lengths): it fuses the element-wise work around the matrix products, a few percent of a
+        prefill, for one more compilation."""
+        from .compilation import decode_compile_options
+
         model = self.model
 
         def step(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
             return model(tokens, pos, last_only=True)
 
-        self._decode_step = torch.compile(step, fullgraph=True, dynamic=False, **kwargs)
+        options = decode_compile_options(model.tok_embeddings.weight.device)
+        if "backend" in kwargs or "mode" in kwargs:  # torch.compile takes mode or options, not both
+            options.pop("backend", None)
+            options.pop("options", None)
+        self._decode_step = torch.compile(step, **{**options, **kwargs})
+        self._prefill = torch.compile(model, dynamic=True) if prefill else None
 
     # ------------------------------------------------------------------ core loop
     @torch.inference_mode()
@@ -170,9 +185,13 @@ class Llama:
         for cur_pos in range(min(lengths), total_len):
             chunk = tokens[:, prev_pos:cur_pos]
             if self._decode_step is not None and chunk.shape[1] == 1:
-                logits = self._decode_step(chunk, torch.tensor(prev_pos, device=device))
+                # A fresh [B, 1] tensor: the slice's row stride is total_len, and torch.compile guards on
+                # strides, so passing the slice would recompile for every new prompt/generation length.
+                step_input = torch.empty((B, 1), dtype=chunk.dtype, device=device).copy_(chunk)
+                logits = self._decode_step(step_input, torch.tensor(prev_pos, device=device))
             else:
-                logits = model(chunk, prev_pos, last_only=True)
+                forward = self._prefill if self._prefill is not None else model
+                logits = forward(chunk, prev_pos, last_only=True)
             logits = logits[:, -1]
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
