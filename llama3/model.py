@@ -164,7 +164,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
 
         mask = None
-        is_causal = T > 1
+        # A branch, not `T > 1`: with dynamic shapes under torch.compile that is a SymBool, which SDPA rejects.
+        is_causal = True if T > 1 else False
         if use_cache:
             cache = self.cache
             if isinstance(start_pos, torch.Tensor):
