@@ -146,3 +146,34 @@ def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
     raw.update(overrides)
     ns = argparse.Namespace(**raw)
     return from_namespace(cls, ns)
+
+
+def parse_config(cls: type, argv: list[str] | None, prog: str, description: str, epilog: str = "") -> Any:
+    """argparse options from the dataclass ``cls``; ``--config FILE`` (JSON, e.g. a saved
+    train_config.json) gives values that the command line overrides."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON file of option values (names as in --help with underscores, e.g. a saved "
+                             "train_config.json); options on the command line override it")
+    add_dataclass_args(parser, cls)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    config_path = pre.parse_known_args(argv)[0].config
+    base = None
+    if config_path is not None:
+        try:
+            base = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {config_path}: {e}")
+        if not isinstance(base, dict):
+            parser.error(f"--config {config_path}: expected a JSON object of option values")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            parser.error(f"--config {config_path}: unknown options {unknown}; known: {sorted(known)}")
+        for action in parser._actions:  # options the file gives are no longer required on the command line
+            if action.dest in base:
+                action.required = False
+    ns = parser.parse_args(argv)
+    return from_namespace(cls, ns, base)

@@ -4,15 +4,10 @@ the library, print a summary."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
-from apps.config import add_dataclass_args, from_namespace
+from apps.config import parse_config
 
 from .config import TrainConfig
 
@@ -31,37 +26,6 @@ examples:
   llama3-sae eval --sae saes/L8R --ckpt-dir ~/models/Llama-3.2-1B --data heldout.txt --out eval/L8R
   llama3-sae eval --sae saes/L4R saes/L8R saes/L12R --ckpt-dir DIR --data heldout.jsonl --out eval/all
 """
-
-
-def parse_config(cls: type, argv: list[str] | None, prog: str, description: str, epilog: str = "") -> Any:
-    """argparse options from the dataclass ``cls``; ``--config FILE`` (JSON, e.g. a saved
-    train_config.json) gives values that the command line overrides."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None,
-                        help="JSON file of option values (names as in --help with underscores, e.g. a saved "
-                             "train_config.json); options on the command line override it")
-    add_dataclass_args(parser, cls)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", type=Path, default=None)
-    config_path = pre.parse_known_args(argv)[0].config
-    base = None
-    if config_path is not None:
-        try:
-            base = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {config_path}: {e}")
-        if not isinstance(base, dict):
-            parser.error(f"--config {config_path}: expected a JSON object of option values")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(base) - known)
-        if unknown:
-            parser.error(f"--config {config_path}: unknown options {unknown}; known: {sorted(known)}")
-        for action in parser._actions:  # options the file gives are no longer required on the command line
-            if action.dest in base:
-                action.required = False
-    ns = parser.parse_args(argv)
-    return from_namespace(cls, ns, base)
 
 
 def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") -> int:
