@@ -3,7 +3,8 @@
 Both models hold the same random weights (Llama-3.2-1B widths by default) in the same dtype; the HF
 twin is a ``LlamaForCausalLM`` assigned our tensors (q/k rows permuted to HF's rotary layout, every
 other weight shared, so memory holds one copy). Each repeat runs the same random prompt through
-``Llama.stream`` (greedy, batch 1, the decode step compiled unless ``--no-compile``) and through HF
+``Llama.stream`` (greedy, batch 1; decode step and prefill compiled unless ``--no-compile`` /
+``--no-compile-prefill``) and through HF
 ``generate`` (greedy, its default dynamic cache and SDPA attention), alternating which goes first, so
 background load hits both alike. Times come from each loop's own per-token callback:
 
@@ -11,8 +12,9 @@ background load hits both alike. Times come from each loop's own per-token callb
 - decode tokens/s = (new tokens - 1) / (first token -> last token);
 - decode GB/s = bytes of the weights a decode step reads (every matrix once; a tied head once) x tokens/s.
 
-The table shows medians over the repeats (and the best decode). ``--int8`` adds our int8 weight-only
-model (``llama3.quant``) and reports how often its greedy tokens agree with bf16.
+The table shows medians over the repeats, the best decode, and the decode rate from the median time
+between tokens over all repeats (robust to bursts of background load). ``--int8`` adds our int8
+weight-only model (``llama3.quant``) and reports how often its greedy tokens agree with bf16.
 
     python benchmarks/bench_llama.py --quick                  # smoke run: tiny model, a minute or two
     python benchmarks/bench_llama.py                          # Llama-3.2-1B widths, bf16, CPU
@@ -62,6 +64,8 @@ class Options:
     """timed generations per model, after one untimed warm-up each"""
     compile: bool = True
     """compile our decode step with torch.compile (``Llama.compile``)"""
+    compile_prefill: bool = True
+    """with --compile, also compile our prefill (``Llama.compile(prefill=True)``, dynamic shapes)"""
     int8: bool = False
     """also run our model with int8 weight-only linears, and report greedy agreement with the base dtype"""
     hf: bool = True
@@ -274,13 +278,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @torch.inference_mode()
-def teacher_forced_agreement(ref: Transformer, other: Transformer, prompt: list[int], continuation: list[int]) -> float:
-    """Share of the continuation's positions where both models' argmax agree, fed the same tokens."""
-    device = ref.tok_embeddings.weight.device
+def teacher_forced(ref: Callable, other: Callable, prompt: list[int], continuation: list[int],
+                   device: torch.device) -> tuple[float, float]:
+    """Feed both models prompt + continuation (no cache): the share of the continuation's positions
+    where their argmax agrees, and the relative difference of their logits there."""
     seq = torch.tensor([prompt + continuation[:-1]], device=device)
-    a = ref(seq)[0, len(prompt) - 1:].argmax(-1)
-    b = other(seq)[0, len(prompt) - 1:].argmax(-1)
-    return (a == b).float().mean().item()
+    a = ref(seq)[0, len(prompt) - 1:].float()
+    b = other(seq)[0, len(prompt) - 1:].float()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return agree, ((a - b).norm() / a.norm()).item()
 
 
 def cpu_name() -> str:
@@ -320,8 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     contestants: dict[str, tuple[Callable[[], Run], int]] = {}
     ours = Llama(model, tokenizer)
     if opt.compile:
-        ours.compile()
-    ours_name = f"ours ({'compiled' if opt.compile else 'eager'})"
+        ours.compile(prefill=opt.compile_prefill)
+    mode = ("compiled" if opt.compile_prefill else "compiled decode") if opt.compile else "eager"
+    ours_name = f"ours ({mode})"
     contestants[ours_name] = (lambda: run_ours(ours, prompt, opt.decode_tokens, sync), n_bytes)
     if opt.hf:
         hf = hf_twin(model)
@@ -332,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
         qmodel.setup_cache(1, max_seq_len)
         q = Llama(qmodel, tokenizer)
         if opt.compile:
-            q.compile()
-        contestants[f"ours int8 ({'compiled' if opt.compile else 'eager'})"] = (
+            q.compile(prefill=opt.compile_prefill)
+        contestants[f"ours int8 ({mode})"] = (
             lambda: run_ours(q, prompt, opt.decode_tokens, sync), decode_bytes(qmodel))
 
     runs: dict[str, list[Run]] = {name: [] for name in contestants}
@@ -401,17 +408,23 @@ def main(argv: list[str] | None = None) -> dict:
     # Greedy agreement: the same weights should give the same tokens (up to rounding of near-ties).
     ref_tokens = runs[ours_name][0].tokens
     notes = []
+    device = model.tok_embeddings.weight.device
+    model.free_cache()  # the teacher-forced passes below run without the cache
     if hf_name:
         k = common_prefix(ref_tokens, runs[hf_name][0].tokens)
-        notes.append(f"greedy tokens, ours vs HF: first {k}/{opt.decode_tokens} identical")
-        results["ours_vs_hf_common_prefix"] = k
+        tf, err = teacher_forced(model, lambda x: hf(x).logits, prompt, ref_tokens, device)
+        notes.append(f"ours vs HF: greedy first {k}/{opt.decode_tokens} tokens identical; teacher-forced top-1 "
+                     f"agreement {100 * tf:.1f}%, logits differ by {err:.1e} relative ({opt.dtype} rounding; "
+                     f"random weights make near-ties common)")
+        results |= {"ours_vs_hf_common_prefix": k, "ours_vs_hf_teacher_forced_agreement": tf,
+                    "ours_vs_hf_logits_rel_diff": err}
     if qmodel is not None:
-        qname = names[-1]
-        k = common_prefix(ref_tokens, runs[qname][0].tokens)
-        tf = teacher_forced_agreement(model, qmodel, prompt, ref_tokens)
-        notes.append(f"int8 vs {opt.dtype}: greedy first {k}/{opt.decode_tokens} identical; teacher-forced top-1 "
-                     f"agreement {100 * tf:.1f}% over the {opt.dtype} continuation")
-        results |= {"int8_common_prefix": k, "int8_teacher_forced_agreement": tf}
+        qmodel.free_cache()
+        k = common_prefix(ref_tokens, runs[names[-1]][0].tokens)
+        tf, err = teacher_forced(model, qmodel, prompt, ref_tokens, device)
+        notes.append(f"int8 vs {opt.dtype}: greedy first {k}/{opt.decode_tokens} tokens identical; teacher-forced "
+                     f"top-1 agreement {100 * tf:.1f}%, logits differ by {err:.1e} relative")
+        results |= {"int8_common_prefix": k, "int8_teacher_forced_agreement": tf, "int8_logits_rel_diff": err}
     for note in notes:
         print(f"- {note}")
     if opt.json:
