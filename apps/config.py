@@ -177,3 +177,19 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str,
                 action.required = False
     ns = parser.parse_args(argv)
     return from_namespace(cls, ns, base)
+
+
+def config_identity(cfg: Any, free: set[str]) -> dict[str, Any]:
+    """The fields of ``cfg`` that decide a job's result (all but ``free``), with paths resolved: what a
+    resumed run must match. ``free`` names options that may change between attempts (device, budgets)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in free:
+            continue
+        v = getattr(cfg, f.name)
+        if isinstance(v, Path):
+            v = str(v.resolve())
+        elif isinstance(v, tuple):
+            v = [str(Path(x).resolve()) if isinstance(x, Path) else x for x in v]
+        out[f.name] = v
+    return out

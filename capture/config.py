@@ -7,12 +7,13 @@ never disagree.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from apps.config import config_identity
 
 from llama3.model import Site, parse_site, site_name
 
@@ -182,17 +183,7 @@ class CaptureConfig(SourceOptions, _CaptureTarget):
         """The options that decide what is captured (and in which shards). A resumed run must match them;
         the others (device, batch budget, queue size, progress) may change between attempts."""
         free = {"device", "tokens_per_batch", "max_padding", "queue_batches", "progress", "dist_timeout_min"}
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in free:
-                continue
-            v = getattr(self, f.name)
-            if isinstance(v, Path):
-                v = str(v.resolve())
-            elif isinstance(v, tuple):
-                v = [str(Path(x).resolve()) if isinstance(x, Path) else x for x in v]
-            out[f.name] = v
-        return out
+        return config_identity(self, free)
 
 
 @dataclass

@@ -51,7 +51,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- atomic files
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -86,7 +86,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -103,7 +103,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     os.chmod(tmp, mode)  # ... which save_file's own file creation (0600) would not respect
     digest = sha256_file(tmp, fsync=True)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest
 
 

@@ -33,7 +33,6 @@ the same command continues from there. Output formats: see ``interpret.records``
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from apps.config import config_identity
 from capture.config import SourceOptions
 
 from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
@@ -156,17 +156,7 @@ class TopExamplesConfig(SourceOptions, _TopTarget):
         """The options that decide the result; a resumed run must match them. The others (device, batch
         budget, memory, checkpoint cadence, progress) may change between attempts."""
         free = {"device", "tokens_per_batch", "memory_mb", "checkpoint_every_s", "progress", "overwrite"}
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name in free:
-                continue
-            v = getattr(self, f.name)
-            if isinstance(v, Path):
-                v = str(v.resolve())
-            elif isinstance(v, tuple):
-                v = [str(Path(x).resolve()) if isinstance(x, Path) else x for x in v]
-            out[f.name] = v
-        return out
+        return config_identity(self, free)
 
 
 # ---------------------------------------------------------------------- hashing and merging

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from capture.store import fsync_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -55,19 +57,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                     keep: int) -> Path:
     """Write checkpoint ``step`` atomically, then delete all but the newest ``keep`` checkpoints."""
@@ -85,11 +74,11 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], met
                                                  indent=1) + "\n")
         for name in (STATE_TENSORS, STATE_JSON):
             _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (a resumed run that ended exactly here)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
