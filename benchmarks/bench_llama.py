@@ -31,9 +31,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -153,6 +153,7 @@ def build_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int) -> 
 def hf_twin(model: Transformer):
     """A transformers ``LlamaForCausalLM`` holding ``model``'s tensors (wq/wk permuted copies)."""
     import transformers
+
     from tests.helpers import hf_config
 
     p = model.params
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(contestants)
     for name in names:  # warm-up: compilation, allocator, caches
         t = time.perf_counter()
-        first = contestants[name][0]()
+        contestants[name][0]()
         print(f"warm-up {name}: {time.perf_counter() - t:.1f}s", flush=True)
     for r in range(opt.repeats):
         order = names if r % 2 == 0 else names[::-1]
@@ -356,7 +357,6 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name].append(run)
             print(f"  repeat {r + 1}/{opt.repeats} {name:22s} prefill {run.prefill_tps:9.1f} tok/s   "
                   f"decode {run.decode_tps:7.2f} tok/s", flush=True)
-    del first
 
     # ------------------------------------------------------------------ report
     peak = opt.peak_gbps

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -114,8 +113,8 @@ def child(loader: str, ckpt_dir: str, dtype_name: str) -> None:
 # --------------------------------------------------------------------------- parent
 def write_checkpoints(preset: str, root: Path, seed: int) -> tuple[Path, Path, int]:
     import torch
-
     from bench_llama import build_model, hf_twin
+
     from llama3 import ModelArgs
     from llama3.checkpoint import save_meta_checkpoint
     from llama3.tokenizer import default_tokenizer_path
