@@ -320,16 +320,7 @@ def apply_edits(h: torch.Tensor, edits: Sequence[Edit]) -> torch.Tensor:
         rows = list(range(B)) if e.rows is None else [r for r in e.rows if r < B]
         if not rows:
             continue
-        cur = h[rows, e.latent]
-        if e.op == "add":
-            new = cur + e.value
-        elif e.op == "set":
-            new = torch.full_like(cur, e.value)
-        elif e.op == "zero":
-            new = torch.zeros_like(cur)
-        else:
-            new = cur.clamp(min=e.min, max=e.max)
-        h[rows, e.latent] = new
+        h[rows, e.latent] = e.apply(h[rows, e.latent])
     return h
 
 

@@ -55,6 +55,16 @@ class Edit:
                 raise ValueError(f"edit rows must be non-negative ints, got {self.rows!r}")
             object.__setattr__(self, "rows", rows)
 
+    def apply(self, values: torch.Tensor) -> torch.Tensor:
+        """This edit applied to the latent's activations ``values``."""
+        if self.op == "add":
+            return values + self.value
+        if self.op == "set":
+            return torch.full_like(values, self.value)
+        if self.op == "zero":
+            return torch.zeros_like(values)
+        return values.clamp(min=self.min, max=self.max)
+
     @classmethod
     def parse(cls, spec: str, rows: Sequence[int] | None = None) -> "Edit":
         """Command-line form: ``896=20`` (add 20, the seed's steering), ``896:add=20``, ``896:set=5``,
@@ -143,15 +153,7 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
             else:
                 sel = torch.isin(row_of_token, torch.tensor(e.rows, device=x.device))
             cur = new[:, j]
-            if e.op == "add":
-                upd = cur + e.value
-            elif e.op == "set":
-                upd = torch.full_like(cur, e.value)
-            elif e.op == "zero":
-                upd = torch.zeros_like(cur)
-            else:
-                upd = cur.clamp(min=e.min, max=e.max)
-            new[:, j] = torch.where(sel, upd, cur)
+            new[:, j] = torch.where(sel, e.apply(cur), cur)
         delta_h = new - h  # [N, E]
         changed = (delta_h != 0).any(1)  # no host sync here: generation calls this every step
         w = sae.W_dec[lat].float()  # [E, d]
