@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from llama3.checkpoint import check_vocab, load_model, read_model_args
+from llama3.chat_template import chat_format_for
+from llama3.checkpoint import check_vocab, checkpoint_name, load_model, load_tokenizer, read_model_args, resolve_checkpoint
 from llama3.model import Transformer, site_name
 
 from .batching import EncodedDoc, collate, encode_window, plan_batches
@@ -400,6 +401,13 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
 
     console = console or Console(stderr=True)
     sites = [site_name(s) for s in cfg.site_list]
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(cfg.ckpt_dir, tokenizer)
+    if cfg.ckpt_dir is None or cfg.bos is None:  # the built-in model; the model's own BOS rule
+        ckpt = resolve_checkpoint(cfg.ckpt_dir)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(ckpt, cfg.tokenizer)
+        cfg = dataclasses.replace(cfg, ckpt_dir=ckpt, bos=bool(tokenizer.add_bos) if cfg.bos is None else cfg.bos)
     params = model.params if model is not None else read_model_args(cfg.ckpt_dir)
     for s in cfg.site_list:
         if s.layer >= params.n_layers:
@@ -446,9 +454,6 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
 
 def _capture_rank(cfg: CaptureConfig, sites: list[str], d: _Dist, device: torch.device, model: Transformer | None,
                   tokenizer: Any, console: Any) -> CaptureSummary:
-    from llama3.checkpoint import find_tokenizer
-    from llama3.tokenizer import ChatFormat, Tokenizer
-
     rank, world = d.rank, d.world
     state = _state(cfg)
     state.mkdir(parents=True, exist_ok=True)
@@ -468,8 +473,8 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: _Dist, device: torch.
 
         params = model.params if model is not None else read_model_args(cfg.ckpt_dir)
         if tokenizer is None:
-            tokenizer = cfg.tokenizer or find_tokenizer(cfg.ckpt_dir)
-        tok_path = tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "model_path", "")
+            tokenizer = load_tokenizer(cfg.ckpt_dir, cfg.tokenizer)
+        tok_path = getattr(tokenizer, "model_path", None) or getattr(tokenizer, "name", "")
         progress.update(d_model=params.dim, model_args=dataclasses.asdict(params), tokenizer=str(tok_path))
         store_dtype = DTYPES[cfg.dtype]
         spec = WriterSpec(
@@ -489,9 +494,8 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: _Dist, device: torch.
                                    store_layer_activ=sites, max_seq_len=cfg.max_tokens)
             else:
                 model.set_hooks(store_layer_activ=sites)
-            if isinstance(tokenizer, (str, Path)):
-                tokenizer = Tokenizer(tokenizer)
-            return _run_loop(cfg, sites, d, model.eval(), tokenizer, ChatFormat(tokenizer), progress, writer, console)
+            return _run_loop(cfg, sites, d, model.eval(), tokenizer, chat_format_for(tokenizer), progress, writer,
+                             console)
         except BaseException:
             writer.kill()
             raise
@@ -507,7 +511,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer
     rank, world = d.rank, d.world
     if cfg.max_tokens > model.rope_cos.shape[0]:
         raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
-    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir)
+    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir, exact=tokenizer.chat_template is None)
     device = model.tok_embeddings.weight.device
     store_dtype = DTYPES[cfg.dtype]
     files = resolve_files(cfg.data, cfg.format)
@@ -535,7 +539,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer
                 lengths = [len(doc.ids) for doc in window.docs]
                 for idx in plan_batches(lengths, cfg.tokens_per_batch, cfg.max_padding):
                     batch_docs = [window.docs[i] for i in idx]
-                    skip_first = [not cfg.store_bos and doc.ids[0] == tokenizer.bos_id for doc in batch_docs]
+                    skip_first = [not cfg.store_first_token] * len(batch_docs)
                     batch = collate(batch_docs, pad_id=0, skip_first=skip_first)
                     acts = model.forward_activations(batch.tokens.to(device, non_blocking=True))
                     outbox.send(acts, batch)
@@ -604,7 +608,9 @@ def _finalize(cfg: CaptureConfig, sites: list[str], world: int) -> None:
                 "d_model": progresses[0]["d_model"],
                 "dtype": DTYPE_NAMES[DTYPES[cfg.dtype]],
                 "site": s,
-                "model": Path(str(cfg.ckpt_dir)).name,
+                "model": checkpoint_name(cfg.ckpt_dir),
+                "bos": cfg.bos,
+                "first_token_excluded": not cfg.store_first_token,
                 "model_args": progresses[0]["model_args"],
                 "tokenizer": progresses[0]["tokenizer"],
                 "num_rows": sum(e["rows"] for e in entries),
@@ -655,7 +661,8 @@ def format_summary(summary: CaptureSummary) -> str:
     if c.get("truncated_docs"):
         lines.append(f"  cut to --max-tokens: {c['truncated_docs']:,} documents lost {c['truncated_tokens']:,} tokens")
     if c.get("bos_rows_left_out"):
-        lines.append(f"  <|begin_of_text|> rows not stored: {c['bos_rows_left_out']:,} (--store-bos keeps them)")
+        lines.append(f"  first-token rows not stored (attention sinks): {c['bos_rows_left_out']:,} "
+                     "(--store-first-token keeps them)")
     if c.get("empty_docs"):
         lines.append(f"  documents without tokens skipped: {c['empty_docs']:,}")
     if summary.source:

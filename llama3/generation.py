@@ -17,8 +17,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
+from .chat_template import chat_format_for
 from .model import Transformer
-from .tokenizer import ChatFormat, Tokenizer
+from .tokenizer import Tokenizer
 
 Message = Mapping[str, str]
 Dialog = Sequence[Message]
@@ -82,7 +83,7 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = chat_format_for(tokenizer)
         self._decode_step: Callable | None = None
         self._prefill: Callable | None = None
 
@@ -90,21 +91,22 @@ class Llama:
     def build(ckpt_dir: str | Path, max_seq_len: int = 2048, max_batch_size: int = 4,
               device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
               store_layer_activ=None, sae_layer_forward_fn=None, compile: bool = False) -> "Llama":
-        """Load a Meta (params.json + consolidated.*.pth) or HF (config.json + *.safetensors) checkpoint.
+        """Load a Meta (params.json + consolidated.*.pth) or HF (config.json + *.safetensors) checkpoint, or a
+        GGUF file (or a directory holding one), with the checkpoint's own tokenizer and chat format.
 
         The KV cache is sized ``max_batch_size x max_seq_len``. ``compile=True`` compiles the one-token
         decode step with torch.compile (static shapes; the first steps pay the compile time).
         """
-        from .checkpoint import check_vocab, detect_layout, find_tokenizer, load_model
+        from .checkpoint import check_vocab, detect_layout, load_model, load_tokenizer
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         start = time.perf_counter()
         detect_layout(ckpt_dir)  # says which files each layout needs before anything else is read
-        tokenizer = Tokenizer(find_tokenizer(ckpt_dir))
+        tokenizer = load_tokenizer(ckpt_dir)
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, store_layer_activ=store_layer_activ, sae_layer_forward_fn=sae_layer_forward_fn)
-        check_vocab(model.params, tokenizer.n_words)
+        check_vocab(model.params, tokenizer.n_words, exact=isinstance(tokenizer, Tokenizer))
         model.eval()
         model.setup_cache(max_batch_size, max_seq_len)
         llm = Llama(model, tokenizer)
@@ -250,12 +252,17 @@ class Llama:
             raise ValueError("dialogs must be a list of dialogs (each a list of messages), not one dialog")
         return [self.formatter.encode_dialog_prompt(list(d)) for d in dialogs]
 
-    def text_completion(self, prompts: Sequence[str], *, bos: bool = True, **kwargs) -> list[Completion]:
-        """Complete each prompt. kwargs: temperature, top_p, max_gen_len, seed, stop_tokens."""
-        return self.generate(self._encode_prompts(prompts, bos), **kwargs)
+    def text_completion(self, prompts: Sequence[str], *, bos: bool | None = None, **kwargs) -> list[Completion]:
+        """Complete each prompt. ``bos``: prepend BOS (default: the tokenizer's own rule, ``tokenizer.add_bos``).
+        kwargs: temperature, top_p, max_gen_len, seed, stop_tokens."""
+        return self.generate(self._encode_prompts(prompts, self._bos(bos)), **kwargs)
 
-    def stream_text_completion(self, prompts: Sequence[str], *, bos: bool = True, **kwargs) -> Iterator[StreamStep]:
-        return self.stream(self._encode_prompts(prompts, bos), **kwargs)
+    def stream_text_completion(self, prompts: Sequence[str], *, bos: bool | None = None,
+                               **kwargs) -> Iterator[StreamStep]:
+        return self.stream(self._encode_prompts(prompts, self._bos(bos)), **kwargs)
+
+    def _bos(self, bos: bool | None) -> bool:
+        return bool(getattr(self.tokenizer, "add_bos", True)) if bos is None else bos
 
     def chat_completion(self, dialogs: Sequence[Dialog], **kwargs) -> list[Completion]:
         """Answer each dialog (list of {"role", "content"} messages) as the assistant."""

@@ -193,6 +193,8 @@ class Tokenizer:
         self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
         self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
         self.stop_tokens: list[int] = [self.eos_id, self.eom_id, self.eot_id]
+        self.add_bos = True  # Llama 3 was trained with <|begin_of_text|> first; llama-models adds it
+        self.chat_template: str | None = None  # chat uses Llama 3's header format (ChatFormat)
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.model_path)!r}, n_words={self.n_words})"

@@ -56,6 +56,12 @@ class SAEConfig:
     """Model the SAE was trained on (free text, e.g. "meta-llama/Llama-3.2-3B")."""
     dtype: str = "float32"
     """Parameter dtype: float32, bfloat16 or float16."""
+    prepend_bos: bool | None = None
+    """Whether the training text started with the model's BOS token; None when unknown. Top examples, eval
+    and the apps encode text the same way unless told otherwise."""
+    first_token_excluded: bool | None = None
+    """Whether each document's first row (BOS, or the first token without BOS: an attention sink whose norm
+    is ~100x the others' from the middle layers on) was left out of training; None when unknown."""
     source: dict[str, Any] = field(default_factory=dict)
     """Provenance, e.g. {"format": "sae_lens", "path": ...} for a converted checkpoint."""
 

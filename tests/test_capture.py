@@ -101,7 +101,7 @@ def test_activations_match_hf_at_every_point(ckpt, tokenizer, tmp_path):
     """Rows stored through the CLI (length-bucketed, right-padded batches) equal the HF twin's module
     outputs computed one document at a time, at all seven hook points."""
     out = tmp_path / "acts"
-    _capture(ckpt, out, "--limit", "32", "--dtype", "fp32", "--model-dtype", "fp32", "--bos", "--store-bos",
+    _capture(ckpt, out, "--limit", "32", "--dtype", "fp32", "--model-dtype", "fp32", "--bos", "--store-first-token",
              "--tokens-per-batch", "400", "--bucket-tokens", "300", sites=ALL_POINTS)
     hf = to_hf_model(load_model(ckpt, dtype=torch.float32))
     texts = SENTENCES.read_text().splitlines()[:32]
@@ -166,7 +166,7 @@ def test_bos_row_left_out_and_truncation_counted(ckpt, tokenizer, tmp_path, caps
     c = store.manifest["counters"]
     assert c["truncated_docs"] == n_cut and c["truncated_tokens"] == sum(max(n - 8, 0) for n in lengths)
     assert c["bos_rows_left_out"] == 30
-    assert f"{n_cut:,} documents lost" in printed and "<|begin_of_text|> rows not stored: 30" in printed
+    assert f"{n_cut:,} documents lost" in printed and "first-token rows not stored (attention sinks): 30" in printed
 
 
 def test_chat_dataset_rendered_with_chat_format(ckpt, tokenizer, tmp_path):
@@ -178,7 +178,7 @@ def test_chat_dataset_rendered_with_chat_format(ckpt, tokenizer, tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(json.dumps({"messages": c}) for c in chats) + "\n{\"messages\": 3}\n")
     out = tmp_path / "acts"
-    _capture(ckpt, out, "--chat", "--store-bos", data=data, sites="L0R")
+    _capture(ckpt, out, "--chat", "--store-first-token", data=data, sites="L0R")
     rows = _by_doc(ActivationStore(out / "L0R").read_all())
     fmt = ChatFormat(tokenizer)
     assert rows[0]["tokens"].tolist() == fmt.encode_dialog_prompt(chats[0])  # ends with an open assistant header

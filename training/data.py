@@ -88,6 +88,8 @@ class StoreRows:
         self.d_model = self.store.d_model
         self.site: str = manifest["site"]
         self.model_name: str | None = manifest.get("model")
+        self.bos: bool | None = manifest.get("bos")
+        self.first_token_excluded: bool | None = manifest.get("first_token_excluded")
         self.shuffled: bool = "shuffled" in manifest
         rows = np.array([int(s["rows"]) for s in self.store.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)

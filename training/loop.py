@@ -108,7 +108,8 @@ class Trainer:
                                     shape=cfg.k_anneal_shape)
         self.sae_cfg = SAEConfig(d_model=self.rows.d_model, n_latents=cfg.n_latents, architecture=cfg.architecture,
                                  k=cfg.k, normalization=cfg.normalization, site=self.rows.site,
-                                 model_name=self.rows.model_name,
+                                 model_name=self.rows.model_name, prepend_bos=self.rows.bos,
+                                 first_token_excluded=self.rows.first_token_excluded,
                                  source={"trained_by": "llama3-sae train", "store": str(self.rows.path)})
         self.use_aux = cfg.k_aux > 0 and cfg.aux_coeff > 0
         self.step = 0

@@ -1,0 +1,1 @@
+"""The base layer under every stage of llama3-sae: nothing here imports a stage."""
