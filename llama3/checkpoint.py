@@ -563,7 +563,9 @@ def _gguf_tokenizer_spec(path: Path):
             try:
                 from .gguf import TokenizerSpec
 
-                return TokenizerSpec.from_json(_json.loads(meta.read_text())["tokenizer"])
+                raw = _json.loads(meta.read_text())["tokenizer"]
+                if raw:
+                    return TokenizerSpec.from_json(raw)
             except (OSError, ValueError, KeyError, TypeError):
                 continue
     return GGUFFile(path).tokenizer_spec()

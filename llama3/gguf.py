@@ -369,7 +369,8 @@ class GGUFCheckpoint:
     path: Path
     state_dict: dict[str, torch.Tensor]
     params: ModelArgs
-    tokenizer: TokenizerSpec
+    tokenizer: TokenizerSpec | None
+    """None when the file holds no tokenizer."""
     from_cache: bool = False
     sha256: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -396,7 +397,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
                 pass
     f = GGUFFile(path)
     params = f.model_args(**overrides)
-    spec = f.tokenizer_spec()
+    spec = f.tokenizer_spec() if f.get("tokenizer.ggml.model") is not None else None  # weights-only files load too
     f.drop_metadata()
     sd = read_state_dict(f, params, dtype=dtype, device=device)
     info = {"types": sorted({f.tensor_type(n) for n in f.tensors})}
@@ -447,7 +448,7 @@ def _write_cache(ckpt: GGUFCheckpoint, entry: Path) -> None:
                    if not (ckpt.params.tie_word_embeddings and k == "output.weight")}
         save_safetensors_streaming(tensors, tmp / "weights.safetensors")
         meta = {"source": str(ckpt.path), "sha256": ckpt.sha256, "version": CACHE_VERSION,
-                "params": _runtime_free(ckpt.params), "tokenizer": ckpt.tokenizer.to_json(), "info": ckpt.info}
+                "params": _runtime_free(ckpt.params), "tokenizer": ckpt.tokenizer.to_json() if ckpt.tokenizer else None, "info": ckpt.info}
         (tmp / "meta.json").write_text(json.dumps(meta))
         if entry.exists():
             import shutil
@@ -471,5 +472,6 @@ def _read_cache(path: Path, entry: Path, sha: str, device, overrides: dict[str, 
     sd = load_file(str(entry / "weights.safetensors"), device=str(device))
     if params.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    return GGUFCheckpoint(path, sd, params, TokenizerSpec.from_json(meta["tokenizer"]), from_cache=True,
+    spec = TokenizerSpec.from_json(meta["tokenizer"]) if meta.get("tokenizer") else None
+    return GGUFCheckpoint(path, sd, params, spec, from_cache=True,
                           sha256=sha, info=meta.get("info", {}))

