@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama3.gguf import file_sha256
 from llama3_sae.paths import cache_root
 
 from .config import add_dataclass_args, from_namespace
@@ -214,11 +215,14 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
     timings["preprocess"] = time.perf_counter() - t
 
     t = stage(3, f"train a TopK SAE ({cfg.n_latents:,} latents, k={cfg.k}, {cfg.train_steps:,} steps)")
-    run_train(TrainConfig(store=store / "shuffled", out=sae_dir, n_latents=cfg.n_latents, k=cfg.k,
-                          batch_size=cfg.batch_size, steps=cfg.train_steps, lr=cfg.lr, warmup_steps=100, k_aux=256,
-                          dead_after_tokens=100_000, device="cpu", checkpoint_every=cfg.train_steps,
-                          log_every=max(1, cfg.train_steps // 4), val_every=0, plots=False, progress=cfg.progress,
-                          prefetch=0), console=console)
+    if (sae_dir / "sae.safetensors").is_file():  # stages.json guarantees the same options and data
+        console.print("reused from the last run")
+    else:
+        run_train(TrainConfig(store=store / "shuffled", out=sae_dir, n_latents=cfg.n_latents, k=cfg.k,
+                              batch_size=cfg.batch_size, steps=cfg.train_steps, lr=cfg.lr, warmup_steps=100,
+                              k_aux=256, dead_after_tokens=100_000, device="cpu", checkpoint_every=cfg.train_steps,
+                              log_every=max(1, cfg.train_steps // 4), val_every=0, plots=False,
+                              progress=cfg.progress, prefetch=0), console=console)
     timings["train"] = time.perf_counter() - t
 
     t = stage(4, "top-activating examples of every latent")
@@ -258,7 +262,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
 
     t = stage(7, "steering a topic latent")
     topic_words = _topic_words(data, topics, texts)
-    steering = _steering(cfg, engine, shown, purities, topic_words, console) if purities else None
+    steering = _steering(cfg, engine, shown, purities, topic_words, console, work) if purities else None
     timings["steering"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
 
@@ -281,12 +285,11 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
 
 
 def _examples_done(sae_dir: Path) -> bool:
+    """Finished top examples of this SAE (the work folder starts over when options or data change)."""
     meta = sae_dir / "top_examples.json"
     if not meta.is_file() or not (sae_dir / "top_examples.jsonl").is_file():
         return False
-    # Examples written for an older SAE (retrained since) are stale.
-    return json.loads(meta.read_text()).get("complete") and \
-        (sae_dir / "top_examples.jsonl").stat().st_mtime >= (sae_dir / "sae.safetensors").stat().st_mtime
+    return bool(json.loads(meta.read_text()).get("complete"))
 
 
 def _spread(purities: list[LatentPurity], n: int) -> list[LatentPurity]:
@@ -366,12 +369,9 @@ def highlight(tokens: list[str], acts, scale: float):
 
 
 def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list[LatentPurity],
-              topic_words: dict[str, list[str]], console) -> dict[str, Any] | None:
+              topic_words: dict[str, list[str]], console, work: Path) -> dict[str, Any] | None:
     """Measure candidates x strengths against one unsteered baseline (same prompts, same seeds); show the best."""
     from rich.markup import escape
-    from rich.table import Table
-
-    from sae import Edit
 
     from .engine import Sampling
 
@@ -394,13 +394,44 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
         *_, last = engine.stream(tokens, sampling, edits, top_latents=0)
         return [c.text for c in last.completions], [c.tokens for c in last.completions]
 
+    # The measurement is a stage like the others: reused when nothing it depends on changed.
+    key = {"sae": file_sha256(work / "sae" / "sae.safetensors"), "prompts": prompts,
+           "sampling": asdict(sampling), "latents": [p.latent for p in cands], "strengths": cfg.steer_strengths,
+           "words": {p.topic: topic_words[p.topic] for p in cands}}
+    cache = work / "steering.json"
+    cached = json.loads(cache.read_text()) if cache.is_file() else None
+    if cached is not None and cached.get("key") == key:
+        console.print("measured in the last run with the same SAE, prompts and sampling (reused)")
+        base_texts, base_fluency, trials = cached["unsteered_texts"], cached["unsteered_fluency"], cached["trials"]
+    else:
+        base_texts, base_fluency, trials = _measure(engine, run, tokens, cands, cfg.steer_strengths, topic_words)
+        cache.write_text(json.dumps({"key": key, "unsteered_texts": base_texts, "unsteered_fluency": base_fluency,
+                                     "trials": trials}, ensure_ascii=False) + "\n")
+    ok = [t for t in trials if t["fluency_drop"] <= cfg.max_fluency_drop] or trials
+    best = max(ok, key=lambda t: (t["steered_share"] - t["unsteered_share"], t["steered_rate"]))
+    _steering_table(console, cfg, trials, best)
+    for i, (a, b) in enumerate(zip(base_texts, best["texts"])):
+        if i >= 6:
+            break
+        console.print(escape(f"\n[{i}] {prompts[i]}"))
+        console.print("    unsteered: " + escape(a.strip().replace("\n", " ")))
+        console.print("    [bold]steered:[/]   " + escape(b.strip().replace("\n", " ")))
+    return {"prompts": prompts, "sampling": asdict(sampling), "unsteered_fluency": base_fluency,
+            "unsteered_texts": base_texts, "chosen": best, "trials": trials}
+
+
+def _measure(engine, run, tokens, cands: list[LatentPurity], strengths: list[float],
+             topic_words: dict[str, list[str]]) -> tuple[list[str], float, list[dict[str, Any]]]:
+    """Unsteered once, then each candidate at each strength, with the same prompts and seeds."""
+    from sae import Edit
+
     base_texts, base_ids = run([])
     base_fluency = mean_logprob(engine.llm.model, tokens, base_ids)
     trials = []
     for p in cands:
         words = topic_words[p.topic]
         base = topic_word_rate(base_texts, words)
-        for strength in cfg.steer_strengths:
+        for strength in strengths:
             value = round(strength * p.max_act, 3)
             texts, ids = run([Edit(p.latent, "add", value)])
             rate = topic_word_rate(texts, words)
@@ -410,8 +441,13 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
                            "unsteered_share": base.share, "steered_share": rate.share,
                            "rate_ratio": rate.rate / base.rate if base.rate > 0 else None,
                            "fluency": fluency, "fluency_drop": base_fluency - fluency, "texts": texts})
-    ok = [t for t in trials if t["fluency_drop"] <= cfg.max_fluency_drop] or trials
-    best = max(ok, key=lambda t: (t["steered_share"] - t["unsteered_share"], t["steered_rate"]))
+    return base_texts, base_fluency, trials
+
+
+def _steering_table(console, cfg: DemoConfig, trials: list[dict[str, Any]], best: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="steering: topic words in completions of neutral prompts "
                         f"({cfg.samples} samples each, same seeds)", title_justify="left")
     for col in ("latent", "topic", "strength", "words/100 unsteered", "words/100 steered", "with a topic word",
@@ -426,14 +462,6 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
     console.print(escape(f"* chosen: latent {best['latent']} ({best['topic']}) at x{best['strength']:g} its max "
                          f"activation (+{best['value']:g}); fluency drops of more than {cfg.max_fluency_drop:g} "
                          "nat/token do not count"))
-    for i, (a, b) in enumerate(zip(base_texts, best["texts"])):
-        if i >= 6:
-            break
-        console.print(escape(f"\n[{i}] {prompts[i]}"))
-        console.print("    unsteered: " + escape(a.strip().replace("\n", " ")))
-        console.print("    [bold]steered:[/]   " + escape(b.strip().replace("\n", " ")))
-    return {"prompts": prompts, "sampling": asdict(sampling), "unsteered_fluency": base_fluency,
-            "unsteered_texts": base_texts, "chosen": best, "trials": trials}
 
 
 def _print_numbers(console, results: dict[str, Any], work: Path) -> None:

@@ -67,7 +67,7 @@ def distinctive_words(texts: Sequence[str], topics: Sequence[str | None], n: int
             outside = (overall[w] - counts[w] + 0.5) / (rest + 1)
             return math.log(inside / outside)
 
-        cands = [w for w, c in counts.items() if c >= min_count and len(w) > 2]
+        cands = [w for w, c in counts.items() if c >= min_count and len(w) > 2 and score(w) > 0.5]
         out[topic] = sorted(cands, key=lambda w: (-score(w), w))[:n]
     return out
 

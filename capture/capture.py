@@ -511,7 +511,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer
     rank, world = d.rank, d.world
     if cfg.max_tokens > model.rope_cos.shape[0]:
         raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
-    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir, exact=tokenizer.chat_template is None)
+    check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir, exact=None, tokenizer=tokenizer)
     device = model.tok_embeddings.weight.device
     store_dtype = DTYPES[cfg.dtype]
     files = resolve_files(cfg.data, cfg.format)

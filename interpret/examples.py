@@ -333,7 +333,7 @@ def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
     ckpt = resolve_checkpoint(cfg.ckpt_dir)
     tokenizer = load_tokenizer(ckpt, cfg.tokenizer)
     model = load_model(ckpt, device=device, dtype=_DTYPES[cfg.model_dtype], store_layer_activ=[site])
-    check_vocab(model.params, tokenizer.n_words, where=ckpt, exact=tokenizer.chat_template is None)
+    check_vocab(model.params, tokenizer.n_words, where=ckpt, exact=None, tokenizer=tokenizer)
     bos, note = resolve_bos(cfg.bos, sae.cfg, tokenizer)
     if note and console is not None:
         console.print(note)

@@ -12,6 +12,8 @@ carry most of its activation in its top examples, with ``source`` saying it is a
 
 from __future__ import annotations
 
+import math
+
 import sys
 from collections import Counter
 from pathlib import Path
@@ -95,9 +97,15 @@ def merge_labels(sae_dir: Path, results: Iterable[dict[str, Any]], source: str) 
     return changed
 
 
-def heuristic_label(rec: LatentExamples, n_tokens: int = 3) -> dict[str, Any] | None:
+def heuristic_label(rec: LatentExamples, n_tokens: int = 3, background: dict[str, float] | None = None
+                    ) -> dict[str, Any] | None:
     """The tokens carrying the most activation over the latent's top examples, or None for a dead latent.
-    Certainty = the share of that activation on the listed tokens (concentrated latents score high)."""
+
+    With ``background`` (token -> its share of all tokens in every latent's examples) a token is ranked by
+    share x log(lift)^2, where share is its part of the latent's activation and lift = share / background:
+    a latent that fires on whole sentences of a topic is then named by the topic's words, not by "the" and
+    ",", while a single-token detector keeps its token. Certainty = the share of the activation on the
+    listed tokens (concentrated latents score high)."""
     mass: Counter[str] = Counter()
     docs = {d for agg in rec.top.values() for d, _ in agg} & set(rec.docs)
     for d in docs:
@@ -109,10 +117,33 @@ def heuristic_label(rec: LatentExamples, n_tokens: int = 3) -> dict[str, Any] | 
     total = sum(mass.values())
     if total <= 0:
         return None
-    top = mass.most_common(n_tokens)
+    if background is not None:
+        def score(t: str) -> float:
+            share = mass[t] / total
+            lift = share / max(background.get(t, 0.0), 1e-12)
+            return share * math.log(lift) ** 2 if lift > 1 else 0.0
+
+        ranked = sorted(mass, key=lambda t: (-score(t), -mass[t], t))[:n_tokens]
+        top = [(t, mass[t]) for t in ranked]
+    else:
+        top = mass.most_common(n_tokens)
     label = "fires on " + ", ".join(f"'{t}'" for t, _ in top)
     return {"latent": rec.latent, "status": "ok", "label": label,
             "certainty": round(sum(v for _, v in top) / total, 4), "source": HEURISTIC_SOURCE}
+
+
+def token_shares(sae_dir: Path) -> dict[str, float]:
+    """Each token's (as labels spell it) share of all tokens in the distinct documents of the examples file
+    (every latent's examples: a sample of the corpus covering what the latents saw)."""
+    seen: set[int] = set()
+    counts: Counter[str] = Counter()
+    for rec in iter_examples(sae_dir):
+        for d, ex in rec.docs.items():
+            if d not in seen:
+                seen.add(d)
+                counts.update(piece.strip() or repr(piece) for piece in ex.tokens)
+    total = max(sum(counts.values()), 1)
+    return {t: c / total for t, c in counts.items()}
 
 
 def heuristic_labels(sae_dir: str | Path, latents: Iterable[int] | None = None, *,
@@ -122,6 +153,7 @@ def heuristic_labels(sae_dir: str | Path, latents: Iterable[int] | None = None, 
     ``labelled``, ``dead`` (never fired), ``kept_llm`` (left alone)."""
     sae_dir = Path(sae_dir)
     existing = read_latents(sae_dir)
+    background = token_shares(sae_dir)
     out, dead, kept = [], 0, 0
     for rec in iter_examples(sae_dir, latents):
         old = existing.get(rec.latent)
@@ -129,7 +161,7 @@ def heuristic_labels(sae_dir: str | Path, latents: Iterable[int] | None = None, 
                 and not str(old.get("source", "")).startswith("heuristic")):
             kept += 1
             continue
-        lab = heuristic_label(rec)
+        lab = heuristic_label(rec, background=background)
         if lab is None:
             dead += 1
         else:

@@ -212,10 +212,14 @@ def read_model_args(ckpt_dir: str | Path, layout: Layout | None = None, **overri
     return ModelArgs.from_hf_config(ckpt_dir / "config.json", **overrides)
 
 
-def check_vocab(params: ModelArgs, n_words: int, *, where: str | Path | None = None, exact: bool = True) -> None:
+def check_vocab(params: ModelArgs, n_words: int, *, where: str | Path | None = None, exact: bool | None = True,
+                tokenizer=None) -> None:
     """Raise ValueError unless the model's vocabulary matches the tokenizer's (as Meta's reference asserts).
 
-    ``exact=False`` also accepts an embedding padded past the tokenizer's last id (HF / GGUF models)."""
+    ``exact=False`` also accepts an embedding padded past the tokenizer's last id (HF / GGUF models);
+    ``exact=None`` picks by the tokenizer: exact for Llama 3's tiktoken file, padded allowed otherwise."""
+    if exact is None:
+        exact = isinstance(tokenizer, Tokenizer) if tokenizer is not None else True
     if params.vocab_size != n_words and (exact or n_words > params.vocab_size):
         src = f" of {where}" if where is not None else ""
         raise ValueError(

