@@ -11,7 +11,8 @@ One run, the same file for every contender:
 Each (dtype, batch) setting runs every contender ``--repeats`` times on the same random prompt, greedy,
 no stop tokens, alternating which goes first. Prefill tokens/s = batch x prompt length / (call -> first
 token); decode tokens/s = batch x (new tokens - 1) / (first -> last token); medians over the repeats.
-Loading is measured in fresh processes: wall time to a ready model and peak RSS (ru_maxrss).
+Loading is measured in fresh processes: wall time to a ready model and peak RSS (VmHWM) above the
+process's RSS after importing torch, against the size of the weights.
 
     python benchmarks/bench_gguf.py                                  # bf16 + fp32, batch 1 and 8
     python benchmarks/bench_gguf.py --llama-cpp-python /path/venv/bin/python
@@ -122,9 +123,13 @@ def time_llama_cpp(python: str, path: Path, prompt: list[int], n_new: int, repea
 
 
 LOAD_CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import torch
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def hwm_kb():  # this process's own high-water mark (ru_maxrss would carry the parent's over exec)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    base = hwm_kb()
     t0 = time.perf_counter()
     kind, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
     if kind == "ours":
@@ -137,7 +142,7 @@ LOAD_CHILD = textwrap.dedent("""
         m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
     seconds = time.perf_counter() - t0
     weights = sum(t.numel() * t.element_size() for t in m.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = hwm_kb()
     print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "over_start_mb": (peak - base) / 1024,
                       "weights_mb": weights / 2**20}))
 """)
