@@ -80,7 +80,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             kwargs.update(choices=choices, type=type(choices[0]))
         elif origin in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            kwargs.update(nargs="+", type=_scalar(item))
+            # Repeated flags accumulate (--steer 1=3 --steer 2=4 keeps both), as the help promises.
+            kwargs.update(nargs="+", type=_scalar(item), action="extend")
         else:
             kwargs["type"] = _scalar(tp)
             if optional:

@@ -92,6 +92,11 @@ class ModelArgs:
         """Read Meta's ``params.json``. Unknown keys are warned about, never silently dropped."""
         path = Path(path)
         raw = _read_json(path)
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in raw and k not in overrides]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(missing)}: a params.json must give the model's shape "
+                             "(dim, n_layers, n_heads; n_kv_heads and vocab_size when they differ from n_heads "
+                             "and 128256)")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         unknown = sorted(set(raw) - known)

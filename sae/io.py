@@ -43,9 +43,12 @@ def is_native_dir(path: Path) -> bool:
     if not (cfg.is_file() and (path / WEIGHTS_FILE).is_file()):
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT_NAME
-    except (json.JSONDecodeError, AttributeError):
-        return False
+        raw = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        # config.json + sae.safetensors is this project's layout: a damaged config must say so, not look foreign.
+        raise ValueError(f"{cfg} is not valid JSON ({e}); the SAE's config is damaged: restore it or re-export "
+                         "the SAE") from None
+    return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
 
 
 def load_native(path: str | Path, device: torch.device | str | None = None) -> SparseAutoencoder:

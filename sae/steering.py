@@ -11,6 +11,8 @@ one batched forward can serve several users or several steering settings.
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,6 +23,10 @@ from .model import SparseAutoencoder
 
 SaeFn = Callable[[torch.Tensor], torch.Tensor]
 OPS = ("add", "set", "clamp", "zero")
+
+
+# Edits beyond this are refused: fp16 overflows at 65,504, and no latent needs more than a few hundred.
+MAX_EDIT_VALUE = 1e4
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,12 @@ class Edit:
             raise ValueError(f"clamp edit on latent {self.latent}: min={self.min} > max={self.max}")
         if self.op != "clamp" and (self.min is not None or self.max is not None):
             raise ValueError(f"min/max belong to clamp edits, not {self.op!r}")
+        for name in ("value", "min", "max"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and abs(v) <= MAX_EDIT_VALUE):
+                raise ValueError(f"edit on latent {self.latent}: {name}={v!r} must be a finite number within "
+                                 f"+-{MAX_EDIT_VALUE:g} (latent activations are of order 1-100; larger values "
+                                 "overflow the activations' dtype)")
         if self.rows is not None:
             rows = tuple(self.rows)
             if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in rows):
