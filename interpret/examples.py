@@ -518,10 +518,19 @@ def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
     meta_path = out_dir / EXAMPLES_META
     if cfg.overwrite:
         shutil.rmtree(work.path, ignore_errors=True)
-    elif meta_path.exists() and json.loads(meta_path.read_text()).get("complete") and final.exists():
-        raise ValueError(f"{final} exists already; pass --overwrite to compute it again")
-    state = work.load()
     ident = cfg.identity()
+    if not cfg.overwrite and meta_path.exists() and final.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("complete"):
+            # Finished work reruns as a no-op, as capture's and train's do; other options need --overwrite.
+            done = meta.get("identity")
+            if done is None or done == ident:
+                console.print(f"top examples already complete: {final}")
+                return final
+            diff = sorted(k for k in set(ident) | set(done) if ident.get(k) != done.get(k))
+            raise ValueError(f"{final} was computed with other options ({', '.join(diff)}); pass --overwrite to "
+                             "compute it again with these")
+    state = work.load()
     if state is not None and state["identity"] != ident:
         diff = sorted(k for k in set(ident) | set(state["identity"]) if ident.get(k) != state["identity"].get(k))
         raise ValueError(f"{work.path} holds an interrupted run made with other options ({', '.join(diff)}); rerun "
@@ -771,7 +780,7 @@ def _write_output(cfg: TopExamplesConfig, lo: _Loaded, tables: dict[str, torch.T
     from apps.config import to_jsonable
 
     meta = {"format": EXAMPLES_FORMAT, "version": EXAMPLES_VERSION, "complete": True, "config": to_jsonable(cfg),
-            "sae": str(cfg.sae.resolve()), "site": lo.site, "model": lo.sae.cfg.model_name,
+            "identity": cfg.identity(), "sae": str(cfg.sae.resolve()), "site": lo.site, "model": lo.sae.cfg.model_name,
             "n_latents": L, "docs": n_docs, "tokens": n_tokens, "aggregations": list(AGGREGATIONS),
             "counters": counters, "dead_latents": int(sum(1 for x in a_docs if x == 0))}
     mtmp = cfg.out_dir / (EXAMPLES_META + ".tmp")

@@ -3,6 +3,7 @@ and resume after an interruption (in process and SIGKILL) against an uninterrupt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -223,8 +224,11 @@ def test_resume_after_interruptions_equals_uninterrupted(ckpt, reference, uninte
     run_top_examples(cfg)
     assert (out / "top_examples.jsonl").read_text() == expected
     assert not (out / "top_examples.work").exists()
-    with pytest.raises(ValueError, match="--overwrite"):
-        run_top_examples(cfg)
+    before = (out / "top_examples.jsonl").stat().st_mtime_ns
+    assert run_top_examples(cfg) == out / "top_examples.jsonl"  # finished: a rerun is a no-op
+    assert (out / "top_examples.jsonl").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match=r"other options \(top_n\); pass --overwrite"):
+        run_top_examples(dataclasses.replace(cfg, top_n=cfg.top_n + 1))
 
 
 def test_sigkill_and_rerun_through_the_cli(ckpt, reference, uninterrupted, tmp_path):
