@@ -52,6 +52,8 @@ class SourceStats:
     """Documents numbered (before the limit cut the stream)."""
     examples: list[str] = field(default_factory=list)
     """Where the first few bad records are (file:line and why)."""
+    keys_seen: dict[str, int] = field(default_factory=dict)
+    """Keys of the JSON objects that lacked the text field (counts), to say what the data holds instead."""
 
     def note(self, where: str) -> None:
         if len(self.examples) < _MAX_EXAMPLES:
@@ -214,6 +216,9 @@ def _line_values(path: Path, fmt: str, field_name: str, cfg: SourceConfig,
             if not isinstance(obj, dict) or field_name not in obj:
                 stats.malformed += 1
                 stats.note(f"{where}: no key {field_name!r}")
+                if isinstance(obj, dict) and len(stats.keys_seen) < 50:
+                    for k in obj:
+                        stats.keys_seen[str(k)] = stats.keys_seen.get(str(k), 0) + 1
                 continue
             yield where, obj[field_name]
 
@@ -317,6 +322,27 @@ def iter_documents(cfg: SourceConfig, stats: SourceStats | None = None,
             yield Document(doc_id, None, item)
         else:
             yield Document(doc_id, item, None)
+    if stats.documents == 0:  # zero documents is never what a user asked for: say what the files hold
+        raise ValueError(no_documents_message(cfg, files, stats))
+
+
+def no_documents_message(cfg: SourceConfig, files: list[tuple[Path, str]], stats: SourceStats) -> str:
+    names = ", ".join(str(p) for p, _ in files[:3]) + (" ..." if len(files) > 3 else "")
+    field_name = cfg.messages_field if cfg.chat else cfg.text_field
+    total = stats.records + stats.malformed + stats.bad_utf8_skipped
+    msg = f"--data {names}: no documents ({total:,} records read"
+    if stats.empty:
+        msg += f", {stats.empty:,} empty or shorter than --min-chars"
+    if stats.malformed:
+        msg += f", {stats.malformed:,} malformed"
+    msg += ")"
+    if stats.keys_seen:
+        keys = sorted(stats.keys_seen, key=lambda k: -stats.keys_seen[k])[:10]
+        flag = "--messages-field" if cfg.chat else "--text-field"
+        msg += f"; the JSON objects have no {field_name!r} key but hold {keys}: pass {flag} KEY"
+    elif stats.examples:
+        msg += f"; e.g. {stats.examples[0]}"
+    return msg
 
 
 def rank_documents(docs: Iterator[Document], rank: int, world: int) -> Iterator[Document]:

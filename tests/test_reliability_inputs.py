@@ -69,3 +69,19 @@ def test_sae_config_that_is_not_json_is_reported_as_damaged(tmp_path):
     (tmp_path / "sae" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON.*damaged"):
         load_sae(tmp_path / "sae")
+
+
+def test_zero_documents_is_an_error_naming_the_fields_found(tmp_path):
+    from capture.config import SourceConfig
+    from capture.sources import iter_documents
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"body": "a sentence", "id": 1}\n{"body": "another", "id": 2}\n')
+    with pytest.raises(ValueError, match=r"no documents \(2 records read, 2 malformed\).*hold \['body', 'id'\]: "
+                                         r"pass --text-field KEY"):
+        list(iter_documents(SourceConfig(data=(data,))))
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no documents"):
+        list(iter_documents(SourceConfig(data=(empty,))))
+    assert [d.text for d in iter_documents(SourceConfig(data=(data,), text_field="body"))] == ["a sentence", "another"]
