@@ -55,6 +55,10 @@ def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> floa
     return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+
+class NonFiniteError(ValueError):
+    """Training produced NaN or inf: stopped, nothing saved."""
+
 class SAEObjective(nn.Module):
     """The SAE behind a forward that returns the loss, so that DistributedDataParallel's own forward runs
     and its gradient all-reduce hooks fire (the original project called a method of ``model.module``,
@@ -369,7 +373,19 @@ class Trainer:
         }
         return tensors, meta
 
+    def _non_finite_message(self, step: int, what: str) -> str:
+        return (f"the {what} became non-finite at step {step:,} (batch {step - 1:,} of the stream from "
+                f"{self.rows.path}); stopping without saving. The shards' sha256 matched the manifest, so the activations "
+                "were written this way: look for inf/NaN in the capture (e.g. fp16 overflow: capture with --dtype "
+                "bf16 or fp32), or lower --lr")
+
+    def _check_finite(self) -> None:
+        bad = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteError(f"refusing to save: {', '.join(bad)} hold non-finite values at step {self.step:,}")
+
     def save_checkpoint(self) -> None:
+        self._check_finite()
         tensors, meta = self.checkpoint_state()
         if self.ctx.is_main:
             ckpt.save_checkpoint(ckpt.checkpoint_root(self.out), self.step, tensors, meta, self.cfg.keep_checkpoints)
@@ -490,6 +506,8 @@ class Trainer:
                 while self.step < self.total_steps:
                     x = prefetch.get(self.step).to(self.device, non_blocking=True)
                     metrics = self.train_step(x)
+                    if not self.ctx.distributed and not bool(torch.isfinite(metrics["loss"])):
+                        raise NonFiniteError(self._non_finite_message(self.step, "loss"))
                     for key, v in metrics.items():
                         acc[key] = acc[key] + v if key in acc else v.clone()
                     n_acc += 1
@@ -499,6 +517,8 @@ class Trainer:
                         now = time.perf_counter()
                         record = self._train_record(acc, n_acc, now - window_t0, self.step - window_step)
                         acc, n_acc, window_t0, window_step = {}, 0, now, self.step
+                        if not math.isfinite(record.get("loss", 0.0)):  # all-reduced: every rank stops here
+                            raise NonFiniteError(self._non_finite_message(self.step, "mean loss since the last log"))
                         if log is not None:
                             log.log(record)
                         display.add(record)
@@ -564,6 +584,8 @@ class Trainer:
             if not any(r.get("split") == "val" and r.get("step") == self.step for r in records):
                 log.log(val)
                 records.append(val)
+            if not all(bool(torch.isfinite(t).all()) for t in sae.state_dict().values()):
+                raise NonFiniteError(f"refusing to save the SAE to {self.out}: its weights hold non-finite values")
             sae.save(self.out)
             self.console.print(f"saved the SAE to {self.out}: val L0 {val['l0']:.1f}, explained variance "
                                f"{val['explained_variance']:.4f}, dead {val['dead_fraction']:.2%}", highlight=False)
