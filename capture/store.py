@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from llama3_sae.tensorfile import save_safetensors
 from safetensors.torch import load as st_load
-from safetensors.torch import save_file
 
 FORMAT = "llama3-sae-activations"
 VERSION = 1
@@ -97,10 +98,8 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     """Write a safetensors file atomically; return its sha256."""
     path = Path(path)
     tmp = _tmp_name(path)
-    open(tmp, "wb").close()  # created by Python, so the umask decides its permissions ...
-    mode = os.stat(tmp).st_mode & 0o777
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, mode)  # ... which save_file's own file creation (0600) would not respect
+    # A fixed header order: identical shards have identical bytes and sha256, so stores compare by hash.
+    save_safetensors(tensors, tmp, metadata, fsync=False)
     digest = sha256_file(tmp, fsync=True)
     os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama3_sae.tensorfile import save_safetensors
+
 from .args import ModelArgs
 
 ARCHITECTURE = "llama"
@@ -417,36 +419,13 @@ def _runtime_free(params: ModelArgs) -> dict[str, Any]:
     return raw
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-def save_safetensors_streaming(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors file one tensor at a time (safetensors' ``save_file`` first copies every tensor
-    into bytes, doubling the memory of a model-sized dict)."""
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
-        for t in tensors.values():
-            fh.write(memoryview(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _write_cache(ckpt: GGUFCheckpoint, entry: Path) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
     try:
         tensors = {k: v for k, v in ckpt.state_dict.items()
                    if not (ckpt.params.tie_word_embeddings and k == "output.weight")}
-        save_safetensors_streaming(tensors, tmp / "weights.safetensors")
+        save_safetensors(tensors, tmp / "weights.safetensors")
         meta = {"source": str(ckpt.path), "sha256": ckpt.sha256, "version": CACHE_VERSION,
                 "params": _runtime_free(ckpt.params), "tokenizer": ckpt.tokenizer.to_json() if ckpt.tokenizer else None, "info": ckpt.info}
         (tmp / "meta.json").write_text(json.dumps(meta))

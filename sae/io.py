@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from llama3_sae.tensorfile import save_safetensors, umask_mode
 
 from .config import FORMAT_NAME, FORMAT_VERSION, SAEConfig
 from .model import SparseAutoencoder
@@ -32,7 +34,7 @@ def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
     # Contiguous CPU copies: safetensors stores raw bytes, and buffers may live on a GPU.
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, metadata))
     text = json.dumps(sae.cfg.to_dict(), indent=2) + "\n"
     _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
     return path
@@ -131,6 +133,7 @@ def _atomic_write(dest: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; files here follow the umask like every other file
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

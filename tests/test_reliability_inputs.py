@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from apps.config import add_dataclass_args, from_namespace
 from sae import Edit
@@ -85,3 +86,38 @@ def test_zero_documents_is_an_error_naming_the_fields_found(tmp_path):
     with pytest.raises(ValueError, match="no documents"):
         list(iter_documents(SourceConfig(data=(empty,))))
     assert [d.text for d in iter_documents(SourceConfig(data=(data,), text_field="body"))] == ["a sentence", "another"]
+
+
+def test_identical_shards_are_identical_bytes_across_processes(tmp_path):
+    """safetensors' own writer orders metadata through a hash map; ours is fixed, so stores compare by hash."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from capture.store import write_shard; "
+              "print(write_shard(sys.argv[1], torch.arange(12.).view(3, 4), torch.zeros(3, dtype=torch.int32), "
+              "torch.zeros(3, dtype=torch.int64), torch.arange(3, dtype=torch.int32), site='L0R')['sha256'])")
+    shas = {subprocess.run([sys.executable, "-c", script, str(tmp_path / f"s{i}.safetensors")], capture_output=True,
+                           text=True, check=True).stdout.strip() for i in range(5)}
+    assert len(shas) == 1
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "s0.safetensors"))
+    assert t["activations"].tolist() == torch.arange(12.).view(3, 4).tolist()
+
+
+def test_sae_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from sae import SAEConfig, SparseAutoencoder, load_sae
+
+    old = os.umask(0o022)
+    try:
+        sae = SparseAutoencoder(SAEConfig(d_model=8, n_latents=16, k=2))
+        sae.save(tmp_path / "sae")
+    finally:
+        os.umask(old)
+    for name in ("sae.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "sae" / name).stat().st_mode) == 0o644
+    again = load_sae(tmp_path / "sae")
+    assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), again.state_dict().values()))

@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from llama3_sae.tensorfile import save_safetensors
+
 from capture.store import fsync_dir
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 CHECKPOINTS = "checkpoints"
 STATE_TENSORS = "state.safetensors"
@@ -69,7 +70,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], met
     tmp.mkdir()
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(tmp / STATE_TENSORS), metadata={"format": FORMAT, "version": str(VERSION)})
+        save_safetensors(cpu, tmp / STATE_TENSORS, {"format": FORMAT, "version": str(VERSION)}, fsync=False)
         (tmp / STATE_JSON).write_text(json.dumps({"format": FORMAT, "version": VERSION, "step": step, **meta},
                                                  indent=1) + "\n")
         for name in (STATE_TENSORS, STATE_JSON):
