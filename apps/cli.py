@@ -10,6 +10,8 @@ import difflib
 import importlib
 import sys
 
+from llama3_sae.errors import USER_ERRORS, describe
+
 # name -> (module, function, one-line description). Each function takes (argv, prog) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("apps.demo", "main_demo",
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         # User-caused problems (bad paths, bad checkpoints, bad options) are reported, not traced back.
-        print(f"llama3-sae {name}: error: {e}", file=sys.stderr)
+        print(f"llama3-sae {name}: error: {describe(e)}", file=sys.stderr)
         return 2
 
 

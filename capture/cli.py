@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from llama3_sae.errors import USER_ERRORS, describe
 from apps.config import parse_config
 
 from .config import CaptureConfig, PreprocessConfig
@@ -25,8 +26,8 @@ def main_capture(argv: list[str] | None = None, prog: str = "llama3-sae capture"
         cfg = parse_config(CaptureConfig, argv, prog, "Store a model's activations at hook sites for every token of a "
                      "text or chat dataset: one store per site, sharded safetensors.", _CAPTURE_EPILOG)
         summary = run_capture(cfg)  # type: ignore[arg-type]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
@@ -40,8 +41,8 @@ def main_preprocess(argv: list[str] | None = None, prog: str = "llama3-sae prepr
         cfg = parse_config(PreprocessConfig, argv, prog, "Per-dimension mean/variance (float64) and mean norm of an "
                      "activation store, and a globally shuffled copy for training.")
         summary = run_preprocess(cfg)  # type: ignore[arg-type]
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     return 0

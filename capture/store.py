@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
+from llama3_sae.errors import naming
 from llama3_sae.tensorfile import save_safetensors
 from safetensors.torch import load as st_load
 
@@ -82,10 +83,14 @@ def sha256_file(path: Path, *, fsync: bool = False) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with naming(path), open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no stray temporary file behind
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

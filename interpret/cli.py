@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from llama3_sae.errors import USER_ERRORS, describe
 from apps.config import add_dataclass_args, from_namespace, save_config
 
 from .batch_client import ResultsStreamError
@@ -100,6 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:], prog=f"python -m interpret {argv[0]}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{argv[0]}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{argv[0]}: error: {describe(e)}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ import torch
 
 from safetensors import safe_open
 
+from llama3_sae.errors import naming
 from llama3_sae.tensorfile import save_safetensors, umask_mode
 
 from .config import FORMAT_NAME, FORMAT_VERSION, SAEConfig
@@ -132,7 +133,8 @@ def _atomic_write(dest: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        write(tmp)
+        with naming(dest):
+            write(tmp)
         os.chmod(tmp, umask_mode())  # mkstemp makes 0600; files here follow the umask like every other file
         os.replace(tmp, dest)
     except BaseException:

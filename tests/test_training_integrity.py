@@ -63,3 +63,31 @@ def test_non_finite_activations_stop_training_without_saving(tmp_path, capsys):
     assert "became non-finite at step" in capsys.readouterr().err
     assert not (tmp_path / "sae" / "sae.safetensors").exists()
     assert not list((tmp_path / "sae").glob("checkpoints/step-*"))
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path):
+    """A file-size limit stands in for a full disk (writes fail with EFBIG, as with ENOSPC): one line, no
+    traceback, and the same command finishes once the space is there."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    store = _store(tmp_path / "L0R")
+    out = tmp_path / "sae"
+    cmd = [sys.executable, "-m", "training", "--store", str(store), "--out", str(out), "--n-latents", "32", "--k", "4",
+           "--batch-size", "64", "--steps", "20", "--warmup-steps", "2", "--no-progress", "--val-fraction", "0.05",
+           "--checkpoint-every", "10"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    full = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    assert full.returncode == 2, full.stderr
+    err = full.stderr.strip().splitlines()
+    assert len(err) >= 1 and "Traceback" not in full.stderr
+    assert "cannot write" in err[-1] and str(out) in err[-1] and "rerun the same command" in err[-1]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (out / "sae.safetensors").is_file()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from llama3_sae.errors import naming
 from llama3_sae.tensorfile import save_safetensors
 
 from capture.store import fsync_dir
@@ -69,17 +70,18 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], met
     tmp = root / f".tmp-step-{step:09d}-{os.getpid()}"
     tmp.mkdir()
     try:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_safetensors(cpu, tmp / STATE_TENSORS, {"format": FORMAT, "version": str(VERSION)}, fsync=False)
-        (tmp / STATE_JSON).write_text(json.dumps({"format": FORMAT, "version": VERSION, "step": step, **meta},
-                                                 indent=1) + "\n")
-        for name in (STATE_TENSORS, STATE_JSON):
-            _fsync_file(tmp / name)
-        fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run that ended exactly here)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
+        with naming(final):
+            cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            save_safetensors(cpu, tmp / STATE_TENSORS, {"format": FORMAT, "version": str(VERSION)}, fsync=False)
+            (tmp / STATE_JSON).write_text(json.dumps({"format": FORMAT, "version": VERSION, "step": step, **meta},
+                                                     indent=1) + "\n")
+            for name in (STATE_TENSORS, STATE_JSON):
+                _fsync_file(tmp / name)
+            fsync_dir(tmp)
+            if final.exists():  # the same step saved again (a resumed run that ended exactly here)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
+from llama3_sae.errors import USER_ERRORS, describe
 from apps.config import parse_config
 
 from .config import TrainConfig
@@ -36,8 +37,8 @@ def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") ->
                            "(one process, DDP under torchrun, or latent-sharded with --model-parallel).",
                            _TRAIN_EPILOG)
         result = run_train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         val = result.summary.get("val", {})
@@ -55,8 +56,8 @@ def main_eval(argv: list[str] | None = None, prog: str = "llama3-sae eval") -> i
                            "dead fraction, and the language-model loss with each SAE spliced into the model "
                            "(delta loss, fidelity). Writes eval.json and eval.png.", _EVAL_EPILOG)
         report = run_eval(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     print(format_report(report))
     return 0
