@@ -91,3 +91,16 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path):
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert (out / "sae.safetensors").is_file()
+
+
+def test_a_schedule_that_does_not_fit_the_run_is_warned_about(tmp_path, capsys):
+    store = _store(tmp_path / "L0R")
+    assert main_train(["--store", str(store), "--out", str(tmp_path / "sae"), "--n-latents", "32", "--k", "4",
+                       "--batch-size", "64", "--steps", "10", "--no-progress", "--val-fraction", "0.05"]) == 0
+    err = capsys.readouterr().err
+    assert "the warm-up (1,000 steps) takes 100% of this 10-step run" in err
+    assert "--dead-after-tokens 10,000,000 is more than the 640 rows" in err
+    assert main_train(["--store", str(store), "--out", str(tmp_path / "sae2"), "--n-latents", "32", "--k", "4",
+                       "--batch-size", "64", "--steps", "10", "--warmup-steps", "2", "--dead-after-tokens", "100",
+                       "--no-progress", "--val-fraction", "0.05"]) == 0
+    assert "warning:" not in capsys.readouterr().err

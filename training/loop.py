@@ -56,6 +56,23 @@ def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> floa
 
 
 
+def schedule_warnings(cfg, total_steps: int, global_batch: int) -> list[str]:
+    """What in the schedule does not fit a run this long (a short run at the defaults is all warm-up)."""
+    out = []
+    warmup = min(cfg.warmup_steps, total_steps)
+    if warmup >= total_steps / 2:
+        out.append(f"the warm-up ({cfg.warmup_steps:,} steps) takes {warmup / max(total_steps, 1):.0%} of this "
+                   f"{total_steps:,}-step run, so the learning rate is below --lr {cfg.lr:g} for most of it; for short "
+                   "runs lower --warmup-steps and raise --lr (the demo trains 2,000 steps with --lr 1e-3 "
+                   "--warmup-steps 100)")
+    tokens = total_steps * global_batch
+    if cfg.k_aux > 0 and cfg.aux_coeff > 0 and cfg.dead_after_tokens >= tokens:
+        out.append(f"--dead-after-tokens {cfg.dead_after_tokens:,} is more than the {tokens:,} rows this run trains "
+                   "on, so no latent can count as dead and the aux-k loss never starts; lower it (the demo uses "
+                   "100,000)")
+    return out
+
+
 class NonFiniteError(ValueError):
     """Training produced NaN or inf: stopped, nothing saved."""
 
@@ -491,6 +508,8 @@ class Trainer:
                     "; `llama3-sae preprocess` writes a globally shuffled copy")
             c.print(f"note: this store is not globally shuffled, so rows are mixed only within windows of "
                     f"--shuffle-window {cfg.shuffle_window} shards{hint}", highlight=False)
+        for warning in schedule_warnings(cfg, self.total_steps, self.stream.global_batch):
+            c.print(f"warning: {warning}", highlight=False)
         if latest is not None:
             c.print(f"resuming from {latest} (step {self.step:,})", highlight=False)
 
