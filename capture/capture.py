@@ -388,6 +388,20 @@ class _Outbox:
         self.writer.put(("rows", *message))
 
 
+def _refuse_nesting(out: Path) -> None:
+    """--out must not be (inside) an activation store: OUT/<site>/ would become a store within a store."""
+    for d in [out, *out.resolve().parents]:
+        manifest = d / MANIFEST
+        if manifest.is_file():
+            try:
+                fmt = json.loads(manifest.read_text()).get("format")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if fmt == FORMAT:
+                raise ValueError(f"--out {out} is inside the activation store {d} (it has a {MANIFEST}); capture writes "
+                                 f"one store per site under --out, so choose a folder outside it (e.g. {d.parent})")
+
+
 # --------------------------------------------------------------------------- the loop
 def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokenizer: Any = None,
                 console: Any = None) -> CaptureSummary:
@@ -401,6 +415,7 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
 
     console = console or Console(stderr=True)
     sites = [site_name(s) for s in cfg.site_list]
+    _refuse_nesting(Path(cfg.out))
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(cfg.ckpt_dir, tokenizer)
     if cfg.ckpt_dir is None or cfg.bos is None:  # the built-in model; the model's own BOS rule

@@ -352,3 +352,14 @@ def test_two_gloo_ranks_union_equals_one_process(ckpt, tmp_path):
     # Different batch shapes on the two sides: equal up to fp32 rounding.
     torch.testing.assert_close(a["activations"], b["activations"], rtol=1e-4, atol=1e-5)
     assert manifest["num_rows"] == ActivationStore(one / "L1R").num_rows
+
+
+def test_out_inside_an_existing_store_is_refused(ckpt, tmp_path, capsys):
+    out = tmp_path / "acts"
+    _capture(ckpt, out, "--limit", "4", sites="L1R")
+    nested = out / "L1R" / "more"
+    argv = ["--ckpt-dir", str(ckpt), "--data", str(SENTENCES), "--sites", "L1R", "--out", str(nested), "--limit", "4",
+            "--no-progress"]
+    assert main_capture(argv) == 2
+    assert f"is inside the activation store {out / 'L1R'}" in capsys.readouterr().err
+    assert not nested.exists()
