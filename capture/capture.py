@@ -157,6 +157,11 @@ def _decide(cfg: CaptureConfig, sites: list[str], world: int) -> tuple[str, str]
             return "error", (f"{cfg.out} holds an unfinished capture with other options ({diff}). Re-run it with "
                              f"the same options to finish it, or delete {state} and {[str(cfg.out / s) for s in sites]}"
                              " to start over, or pick another --out.")
+        if "model_fingerprint" in run and _model_fingerprint(cfg) != run["model_fingerprint"] and _has_progress(state):
+            return "error", (f"the checkpoint {cfg.ckpt_dir} changed since the unfinished capture in {cfg.out} started "
+                             "(its files' sizes or modification times differ); resuming would mix two models' "
+                             f"activations. Restore it, or delete {state} and {[str(cfg.out / s) for s in sites]} to "
+                             "start over.")
         if _fingerprint(cfg) != run.get("data_fingerprint"):
             return "error", (f"the files under --data changed since the unfinished capture in {cfg.out} started "
                              f"(size or modification time); resuming would mix two datasets. Restore them, or "
@@ -198,8 +203,17 @@ def _fingerprint(cfg: CaptureConfig) -> list[list[Any]]:
     return out
 
 
+def _model_fingerprint(cfg: CaptureConfig) -> list[list[Any]]:
+    """(name, size, mtime) of the checkpoint's files (the GGUF file, or the directory's top-level files): the
+    path alone would not notice a checkpoint replaced in place. Cheap: no weight is read."""
+    ckpt = Path(cfg.ckpt_dir)
+    files = [ckpt] if ckpt.is_file() else sorted(p for p in ckpt.iterdir() if p.is_file())
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def _start_run(run_path: Path, cfg: CaptureConfig, world: int) -> dict[str, Any]:
     run = {"identity": cfg.identity(), "world": world, "data_fingerprint": _fingerprint(cfg),
+           "model_fingerprint": _model_fingerprint(cfg),
            "started": datetime.datetime.now().isoformat(timespec="seconds")}
     run_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_path, run)

@@ -363,3 +363,24 @@ def test_out_inside_an_existing_store_is_refused(ckpt, tmp_path, capsys):
     assert main_capture(argv) == 2
     assert f"is inside the activation store {out / 'L1R'}" in capsys.readouterr().err
     assert not nested.exists()
+
+
+def test_resume_refuses_a_checkpoint_replaced_in_place(ckpt, tmp_path, capsys):
+    """The run records the checkpoint's files (size, mtime), not just its path."""
+    import shutil
+
+    from capture.capture import _decide, _start_run
+    from capture.config import CaptureConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(ckpt, model)
+    out = tmp_path / "acts"
+    cfg = CaptureConfig(ckpt_dir=model, data=(SENTENCES,), sites="L1R", out=out, bos=False, progress=False)
+    state = out / ".capture"
+    _start_run(state / "run.json", cfg, 1)
+    (state / "progress-r0of1.json").write_text(json.dumps({"docs_done": 8}))  # something was committed
+    assert _decide(cfg, ["L1R"], 1) == ("capture", "")
+    weights = model / "consolidated.00.pth"
+    weights.write_bytes(weights.read_bytes())  # rewritten: a new modification time
+    kind, message = _decide(cfg, ["L1R"], 1)
+    assert kind == "error" and f"the checkpoint {model} changed since the unfinished capture" in message

@@ -104,3 +104,35 @@ def test_a_schedule_that_does_not_fit_the_run_is_warned_about(tmp_path, capsys):
                        "--batch-size", "64", "--steps", "10", "--warmup-steps", "2", "--dead-after-tokens", "100",
                        "--no-progress", "--val-fraction", "0.05"]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_resume_refuses_a_store_rewritten_at_the_same_path(tmp_path, capsys):
+    store = _store(tmp_path / "L0R")
+    out = tmp_path / "sae"
+    argv = ["--store", str(store), "--out", str(out), "--n-latents", "32", "--k", "4", "--batch-size", "64",
+            "--steps", "40", "--warmup-steps", "2", "--no-progress", "--val-fraction", "0.05",
+            "--checkpoint-every", "10"]
+    import training.loop as loop
+
+    real = loop.Trainer.save_checkpoint
+    calls = {"n": 0}
+
+    def stop_after_first(self):
+        real(self)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    loop.Trainer.save_checkpoint = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main_train(argv)
+    finally:
+        loop.Trainer.save_checkpoint = real
+    import shutil
+
+    shutil.rmtree(store)
+    x, _ = sparse_dictionary_data(1200, 16, 24, 3, noise=0.02, seed=99)  # other data, same shape and path
+    write_store(store, x, shard_rows=400)
+    assert main_train(argv) == 2
+    assert "was trained on other data: the store at" in capsys.readouterr().err

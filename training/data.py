@@ -19,6 +19,7 @@ split) and never appear in the training stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import struct
@@ -145,6 +146,9 @@ class StoreRows:
         self.first_token_excluded: bool | None = manifest.get("first_token_excluded")
         self.shuffled: bool = "shuffled" in manifest
         rows = np.array([int(s["rows"]) for s in self.store.shards], dtype=np.int64)
+        # What the store holds, not where it is: a store rewritten at the same path is different data.
+        self.fingerprint: str = hashlib.sha256(json.dumps(
+            [[s["file"], int(s["rows"]), s["sha256"]] for s in self.store.shards]).encode()).hexdigest()
         self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         self.num_rows = int(self.offsets[-1])
         n_val = min(val_max_rows, max(1, round(val_fraction * self.num_rows)))

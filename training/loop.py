@@ -383,6 +383,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "optimizer_param_groups": groups,
             "identity": self.cfg.identity(),
+            "store_content": self.rows.fingerprint,
             "config": to_jsonable(self.cfg),
             "sae_config": self.sae_cfg.to_dict(),
             "world": self.ctx.world,
@@ -414,6 +415,11 @@ class Trainer:
         if diffs:
             raise ValueError(f"{path} was written by a run with different options ({diffs}). Re-run with the "
                              "original options to resume, or pass --overwrite (or another --out) to start over.")
+        recorded = meta.get("store_content")
+        if recorded is not None and recorded != self.rows.fingerprint:
+            raise ValueError(f"{path} was trained on other data: the store at {self.rows.path} was rewritten since "
+                             "(its manifest lists other shards or hashes), and resuming would mix the two. Pass "
+                             "--overwrite (or another --out) to train on the new store from the start.")
         if meta["total_steps"] != self.total_steps:
             raise ValueError(f"{path}: the run was planned for {meta['total_steps']} steps, this one for "
                              f"{self.total_steps} (the store changed?); pass --overwrite to start over")
