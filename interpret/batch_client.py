@@ -23,10 +23,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -323,7 +324,19 @@ class JobRunner:
 
     def statuses(self, custom_ids: Iterable[str]) -> dict[str, RequestStatus]:
         hist = self.results.history(self.generation)
-        return {cid: request_status(hist.get(cid, []), self.opt.retry_failed) for cid in custom_ids}
+        return {cid: request_status(hist.get(cid, []), False) for cid in custom_ids}
+
+    def _retry_failures_once(self, custom_ids: Iterable[str]) -> None:
+        """``--retry-failed``: the requests that had failed for good when this run started get a fresh set of
+        ``max_attempts`` tries (a ``reset`` line); what fails again in this run stays failed, so the run ends."""
+        if not self.opt.retry_failed:
+            return
+        failed = [cid for cid, s in self.statuses(custom_ids).items()
+                  if s.done and s.last is not None and s.last.get("status") != "ok"]
+        if failed:
+            self.reset(failed, "retry-failed")
+            self.console.print(f"retrying {len(failed)} request(s) that had failed, up to {self.opt.max_attempts} "
+                               "attempts each")
 
     def reset(self, custom_ids: Iterable[str], note: str) -> None:
         """Make requests pending again (e.g. a detection score whose label has changed since): a ``reset``
@@ -368,6 +381,7 @@ class JobRunner:
             raise ValueError("duplicate custom_id in the requests")
         confirmed = False
         self._resolve_intent()
+        self._retry_failures_once(by_id)
         while True:
             flying = {cid for b in self.in_flight() for cid in b["custom_ids"]}
             st = self.statuses(by_id)
@@ -433,8 +447,10 @@ class JobRunner:
             self.console.print(f"sent batch {batch.id} with {len(chunk)} requests")
 
     def _resolve_intent(self) -> None:
-        """After a kill between ``batches.create`` and the state save: adopt the batch that was created
-        (same request count, created since the intent), or conclude none was."""
+        """After a kill between ``batches.create`` and the state save: adopt the batch that was created, or
+        conclude none was. A candidate (unknown to the state, created since the intent, the same request
+        count) is adopted only when its results hold exactly the intent's custom_ids, which needs it to have
+        ended: in-progress candidates are waited for. Any other batch, however alike, is left alone."""
         intent = self.state.get("intent")
         if not intent:
             return
@@ -453,9 +469,9 @@ class JobRunner:
             total = sum(int(v or 0) for v in b.request_counts.to_dict().values())
             if b.id not in known and total == len(intent["custom_ids"]):
                 found.append((created, b.id))
-        if found:
-            found.sort()
-            batch_id = found[0][1]
+        found.sort()
+        batch_id = next((bid for _, bid in found if self._holds_exactly(bid, set(intent["custom_ids"]))), None)
+        if batch_id is not None:
             self.console.print(f"[yellow]the previous run was interrupted right after sending a batch; adopting "
                                f"batch {batch_id} ({len(intent['custom_ids'])} requests) instead of resending[/]")
             self.state["batches"].append({"id": batch_id, "custom_ids": intent["custom_ids"],
@@ -463,6 +479,31 @@ class JobRunner:
                                           "generation": self.generation})
         self.state["intent"] = None
         self._save()
+
+    def _holds_exactly(self, batch_id: str, custom_ids: set[str]) -> bool:
+        """Whether batch ``batch_id``'s results are exactly ``custom_ids`` (waiting for it to end first)."""
+        while self.client.messages.batches.retrieve(batch_id).processing_status != "ended":
+            self.console.print(f"waiting for batch {batch_id} to end, to check whether it is the one the interrupted "
+                               "run sent")
+            time.sleep(self.opt.poll_interval_s)
+        got = set()
+        for raw in self._result_lines(batch_id):
+            parsed = _parse_result_line(raw)
+            got.add(str(parsed.get("custom_id")) if isinstance(parsed, dict) else _custom_id_in(raw))
+        return got == custom_ids
+
+    def _result_lines(self, batch_id: str) -> Iterator[str]:
+        """The raw lines of a batch's results: parsed here, one at a time, so that one malformed line is that
+        item's failure instead of ending the stream."""
+        decoder = self.client.messages.batches.results(batch_id)
+        response = getattr(decoder, "http_response", None)
+        if response is None:  # a client without the raw response: its parsed items, re-serialised
+            for item in decoder:
+                yield json.dumps(item if isinstance(item, dict) else item.to_dict(mode="json"))
+            return
+        for line in response.iter_lines():
+            if line.strip():
+                yield line
 
     def _wait_and_collect(self, handle: Handler, summary: RunSummary) -> None:
         """Poll the batches in flight until each has ended, collecting each as it ends."""
@@ -504,17 +545,27 @@ class JobRunner:
         written = {r["custom_id"] for r in self.results.records if r.get("batch_id") == entry["id"]}
         hist = self.results.history(gen)
         foreign = 0
-        stream = iter(self.client.messages.batches.results(entry["id"]) if items is None else items)
+        stream = iter(self._result_lines(entry["id"]) if items is None else (json.dumps(i) for i in items))
         while True:
             try:
-                item = next(stream)
+                raw = next(stream)
             except StopIteration:
                 break
             except Exception as e:  # noqa: BLE001 - transport errors of the streamed body are not wrapped by the SDK
                 raise ResultsStreamError(f"reading the results of batch {entry['id']} failed ({type(e).__name__}: "
                                          f"{e}); the {len(written)} results read so far are saved, rerun the same "
                                          "command to read the rest") from e
-            d = item if isinstance(item, dict) else item.to_dict(mode="json")
+            d = _parse_result_line(raw)
+            if d is None:  # not JSON, or not a result object: that item's failure, kept with its raw text
+                cid = _custom_id_in(raw)
+                if cid in expected and cid not in written:
+                    self.results.append({"custom_id": cid, "generation": gen, "batch_id": entry["id"],
+                                         "time": now_iso(), "status": "malformed_result", "final": True,
+                                         "raw": _short(raw, 2000)})
+                    written.add(cid)
+                elif cid not in expected:
+                    foreign += 1
+                continue
             cid = str(d.get("custom_id"))
             if cid not in expected:
                 foreign += 1
@@ -546,6 +597,7 @@ class JobRunner:
 
         summary = RunSummary()
         by_id = {r.custom_id: r for r in requests}
+        self._retry_failures_once(by_id)
         st = self.statuses(by_id)
         pending = [r for r in requests if not st[r.custom_id].done]
         if pending and not confirm(pending):
@@ -582,6 +634,23 @@ class JobRunner:
                 progress.advance(task)
         self._tally(by_id, summary)
         return summary
+
+
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"]{1,64})"')
+
+
+def _parse_result_line(raw: str) -> dict[str, Any] | None:
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, TypeError):
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("custom_id"), str) else None
+
+
+def _custom_id_in(raw: str) -> str | None:
+    """The custom_id a damaged result line names, if it can still be read."""
+    m = _CUSTOM_ID.search(raw if isinstance(raw, str) else str(raw))
+    return m.group(1) if m else None
 
 
 def _error_type_of(e: Any) -> str:

@@ -73,6 +73,7 @@ class FakeAnthropic:
         self.hold = False                             # keep batches in progress while True
         self.polls_to_end = 1
         self.cut_results_after: int | None = None     # drop the connection after this many result lines (once)
+        self.malformed: set[str] = set()              # custom_ids whose result line is cut short (not JSON)
         self.message_calls = 0
         self.count_calls = 0
         self.keys: set[str] = set()
@@ -257,7 +258,8 @@ class FakeAnthropic:
                     ids = list(b["outcomes"])
                     random.Random(bid).shuffle(ids)  # results come out of order
                     lines = [fake._result_line(bid, cid) for cid in ids]
-                    lines = [json.dumps(x) + "\n" for x in lines if x is not None]
+                    lines = [(json.dumps(x)[:-7] if x["custom_id"] in fake.malformed else json.dumps(x)) + "\n"
+                             for x in lines if x is not None]
                     cut = fake.cut_results_after
                     fake.cut_results_after = None
                 body = "".join(lines).encode()
@@ -555,3 +557,53 @@ def test_detection_scoring_through_batches(fake, tmp_path, capsys):
     assert run_score(cfg) == 3
     assert fake.creates == n + 1 and list(fake.batches[fake.order[-1]]["params"]) == ["0"]
     assert read_latents(sae)[0]["scores"]["detection"]["balanced_accuracy"] == 1.0
+
+
+def test_retry_failed_retries_only_the_old_failures_within_the_attempt_limit(fake, tmp_path):
+    """A request that always fails is tried max_attempts times per --retry-failed run, and the run ends."""
+    sae = write_examples(tmp_path / "sae", n_latents=4, dead=())
+    fake.script = {"2": ["errored:overloaded_error"], "3": ["errored:invalid_request_error"]}
+    assert run_interpret(InterpretConfig(sae=sae, max_attempts=2, **fast())) == 3
+    assert fake.seen["2"] == 2 and fake.seen["3"] == 1
+    creates = fake.creates
+    assert run_interpret(InterpretConfig(sae=sae, max_attempts=2, retry_failed=True, **fast())) == 3
+    assert fake.seen["2"] == 4 and fake.seen["3"] == 2  # a fresh max_attempts each, then it stops
+    assert fake.creates - creates == 2
+    assert set(read_latents(sae)) == {0, 1}
+
+
+def test_a_foreign_batch_of_the_same_size_is_never_adopted(fake, tmp_path):
+    """After a kill between create and save, only a batch whose results are exactly our custom_ids is ours."""
+    import anthropic
+
+    from interpret.batch_client import STATE_FORMAT, now_iso
+
+    sae = write_examples(tmp_path / "sae", n_latents=4, dead=())
+    ids = ["0", "1", "2", "3"]
+    workdir = sae / "interpret"
+    workdir.mkdir()
+    client = anthropic.Anthropic(api_key=KEY, base_url=fake.url)
+    params = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Latent 0."}]}
+    # Someone else's batch, created after our intent, with as many requests: not ours (and never created).
+    (workdir / "labels.state.json").write_text(json.dumps({
+        "format": STATE_FORMAT, "version": 1, "kind": "labels", "generation": 0, "batches": [],
+        "intent": {"custom_ids": ids, "since": now_iso()}, "meta": {i: {"latent": int(i)} for i in ids}}))
+    client.messages.batches.create(requests=[{"custom_id": f"other-{i}", "params": params} for i in ids])
+    assert run_interpret(InterpretConfig(sae=sae, **fast())) == 0
+    assert fake.creates == 2  # the foreign one, and ours sent for real
+    state = json.loads((workdir / "labels.state.json").read_text())
+    assert not any(b.get("adopted") for b in state["batches"])
+    assert set(read_latents(sae)) == {0, 1, 2, 3}
+
+
+def test_a_malformed_results_line_is_that_items_failure(fake, tmp_path):
+    sae = write_examples(tmp_path / "sae", n_latents=5, dead=())
+    fake.malformed = {"2"}
+    assert run_interpret(InterpretConfig(sae=sae, **fast())) == 3  # finished, with one failure
+    recs = results(sae)
+    bad = [r for r in recs if r["custom_id"] == "2"]
+    assert len(bad) == 1 and bad[0]["status"] == "malformed_result" and bad[0]["raw"].startswith('{"custom_id": "2"')
+    assert set(read_latents(sae)) == {0, 1, 3, 4}
+    fake.malformed = set()
+    assert run_interpret(InterpretConfig(sae=sae, retry_failed=True, **fast())) == 0  # and it can be retried
+    assert set(read_latents(sae)) == {0, 1, 2, 3, 4}
