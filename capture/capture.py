@@ -323,11 +323,14 @@ class _WriterHandle:
                                 name="capture-writer")
         self.proc.start()
 
-    def _failure(self) -> RuntimeError:
+    def _failure(self) -> Exception:
         try:
-            _, detail = self.results.get(timeout=5)
+            kind, detail = self.results.get(timeout=5)
         except queue.Empty:
-            detail = f"it exited with code {self.proc.exitcode} and left no message (killed, or out of memory?)"
+            kind, detail = "error", (f"it exited with code {self.proc.exitcode} and left no message (killed, or out "
+                                     "of memory?)")
+        if kind == "oserror":
+            return OSError(*detail)
         return RuntimeError(f"the capture's writer process failed:\n{detail}")
 
     def put(self, item: tuple) -> None:
@@ -353,6 +356,8 @@ class _WriterHandle:
                 if not self.proc.is_alive():
                     raise self._failure() from None
         self.proc.join(timeout=60)
+        if kind == "oserror":
+            raise OSError(*detail)
         if kind != "done":
             raise RuntimeError(f"the capture's writer process failed:\n{detail}")
         return detail

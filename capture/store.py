@@ -374,6 +374,9 @@ def writer_main(spec: WriterSpec, q: Any, results: Any) -> None:
                 return
             else:
                 raise AssertionError(f"unknown writer message {kind!r}")
+    except OSError as e:  # a full disk or a forbidden output: the user's to fix, told in one line
+        results.put(("oserror", (e.errno, e.strerror or str(e), e.filename)))
+        return  # no traceback: the capture prints this as one line
     except BaseException:
         results.put(("error", traceback.format_exc()))
         raise

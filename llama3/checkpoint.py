@@ -542,8 +542,8 @@ def load_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = Non
         path = Path(tokenizer_path)
         return HFTokenizer.from_files(path) if path.suffix == ".json" else Tokenizer(path)
     ckpt_dir = Path(ckpt_dir)
-    if detect_layout(ckpt_dir) == "gguf":
-        path = find_gguf(ckpt_dir)
+    path = find_gguf(ckpt_dir) if ckpt_dir.is_file() or not (ckpt_dir / "config.json").is_file() else None
+    if path is not None:
         return HFTokenizer.from_gguf_spec(_gguf_tokenizer_spec(path), name=path.name)
     for candidate in (ckpt_dir / "tokenizer.model", ckpt_dir / "original" / "tokenizer.model"):
         if candidate.is_file():

@@ -384,3 +384,27 @@ def test_resume_refuses_a_checkpoint_replaced_in_place(ckpt, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes())  # rewritten: a new modification time
     kind, message = _decide(cfg, ["L1R"], 1)
     assert kind == "error" and f"the checkpoint {model} changed since the unfinished capture" in message
+
+
+def test_a_full_disk_is_one_line_and_the_capture_resumes(ckpt, tmp_path):
+    """A real full disk: a small tmpfs (needs root, as CI and these machines have), grown afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "acts"
+        cmd = [sys.executable, "-m", "capture", "--ckpt-dir", str(ckpt), "--data", str(SENTENCES), "--sites", "L1R",
+               "--out", str(out), "--limit", "200", "--no-progress", "--shard-mb", "0.05", "--dtype", "fp32"]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        full = _run(cmd, env)
+        assert full.returncode == 2, full.stderr
+        assert "Traceback" not in full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert "cannot write" in last and str(out) in last and "no space left" in last
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # the space is freed
+        ok = _run(cmd, env)
+        assert ok.returncode == 0, ok.stderr
+        assert ActivationStore(out / "L1R").manifest["num_docs"] == 200
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -136,3 +136,12 @@ def test_resume_refuses_a_store_rewritten_at_the_same_path(tmp_path, capsys):
     write_store(store, x, shard_rows=400)
     assert main_train(argv) == 2
     assert "was trained on other data: the store at" in capsys.readouterr().err
+
+
+def test_dead_latents_are_reported_over_the_training_rows(tmp_path, capsys):
+    """Not from the held-out split (60 rows here, far too few to call a latent dead)."""
+    store = _store(tmp_path / "L0R")
+    assert _train(store, tmp_path / "sae") == 0
+    err = capsys.readouterr().err
+    m = re.search(r"dead (\d+\.\d+)% \(no activation in the last ([\d,]+) training rows\)", err)
+    assert m and m.group(2) == f"{20 * 64:,}"  # the whole run: it is shorter than --dead-after-tokens

@@ -212,6 +212,12 @@ class Trainer:
     def dead_fraction(self) -> float:
         return self.tracker.dead_fraction
 
+    def dead_over_training(self) -> tuple[int, float]:
+        """(window, share of latents that did not fire in the last ``window`` training rows), the window being
+        --dead-after-tokens or, for a shorter run, the whole run."""
+        window = max(1, min(self.cfg.dead_after_tokens, self.step * self.stream.global_batch))
+        return window, float((self.tracker.tokens_since_fired >= window).float().mean())
+
     def dead_mask(self) -> torch.Tensor | None:
         return self.tracker.dead_mask if self.use_aux else None
 
@@ -612,8 +618,12 @@ class Trainer:
             if not all(bool(torch.isfinite(t).all()) for t in sae.state_dict().values()):
                 raise NonFiniteError(f"refusing to save the SAE to {self.out}: its weights hold non-finite values")
             sae.save(self.out)
+            window, dead = self.dead_over_training()
+            # Dead is measured on training rows: the held-out split (a few hundred rows) is far too small to say
+            # that a latent never fires.
             self.console.print(f"saved the SAE to {self.out}: val L0 {val['l0']:.1f}, explained variance "
-                               f"{val['explained_variance']:.4f}, dead {val['dead_fraction']:.2%}", highlight=False)
+                               f"{val['explained_variance']:.4f}; dead {dead:.2%} (no activation in the last "
+                               f"{window:,} training rows)", highlight=False)
             last_train = next((r for r in reversed(records) if r.get("split") == "train"), {})
             summary = {
                 "steps": self.step, "resumed_from_step": self.start_step,
