@@ -157,3 +157,26 @@ def test_stats_only(tmp_path):
 def test_bad_options():
     with pytest.raises(ValueError, match="--memory-mb must be > 0"):
         PreprocessConfig(store=Path("x"), memory_mb=0)
+
+
+def test_a_read_only_store_is_one_line_and_preprocess_runs_once_writable(tmp_path, capsys):
+    """A store on a file system remounted read-only (needs root to mount, as CI has): a one-line error that
+    names the path; the same command finishes once the file system is writable again."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        store = disk / "L3R"
+        _make_store(store, [300, 200])
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert main_preprocess(["--store", str(store), "--no-progress", "--workers", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write" in err[0] and str(store) in err[0] and "read-only" in err[0]
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        assert main_preprocess(["--store", str(store), "--no-progress", "--workers", "1"]) == 0
+        assert ActivationStore(store).stats() is not None
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
