@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import AbstractSet, Literal, Union
 
 from .gguf import TokenizerSpec
+from .tokenizer import check_ids
 
 AllowedSpecial = Union[Literal["all", "none"], AbstractSet[str], None]
 
@@ -207,11 +208,7 @@ class HFTokenizer:
         return ids
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        out = [int(t) for t in ids]
-        bad = [t for t in out if not 0 <= t < self.n_words]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.n_words}): {bad[:10]}")
-        return out
+        return check_ids(ids, self.n_words)
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._bytes.get(token_id)

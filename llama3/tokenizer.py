@@ -155,6 +155,16 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
     yield s[start:]
 
 
+def check_ids(ids: Sequence[int], n_words: int) -> list[int]:
+    """``ids`` as ints, or a ValueError listing those outside [0, n_words) (every tokenizer's decode check)."""
+    out = [int(t) for t in ids]
+    bad = [t for t in out if not 0 <= t < n_words]
+    if bad:
+        raise ValueError(f"token ids out of range [0, {n_words}): {bad[:10]}"
+                         + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+    return out
+
+
 class Tokenizer:
     """Llama 3 tokenizer: tiktoken BPE over 128,000 ranks plus 256 special tokens.
 
@@ -236,14 +246,7 @@ class Tokenizer:
         return tokens
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        out = [int(t) for t in ids]
-        bad = [t for t in out if not 0 <= t < self.n_words]
-        if bad:
-            raise ValueError(
-                f"token ids out of range [0, {self.n_words}): {bad[:10]}"
-                + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            )
-        return out
+        return check_ids(ids, self.n_words)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; bytes that are not valid UTF-8 (a character split across the end)

@@ -11,6 +11,7 @@ mistake in the writer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -209,3 +210,27 @@ def write_hf_checkpoint(model: Transformer, ckpt_dir: str | Path, sharded: bool 
         (ckpt_dir / "original").mkdir(exist_ok=True)
         shutil.copyfile(tokenizer_path, ckpt_dir / "original" / "tokenizer.model")
     return ckpt_dir
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (needs root, as CI and these machines have; skips otherwise),
+    for real full-disk and read-only file systems. Yields the mount point; unmounted afterwards."""
+    import subprocess
+
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, options: str) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)

@@ -162,21 +162,15 @@ def test_bad_options():
 def test_a_read_only_store_is_one_line_and_preprocess_runs_once_writable(tmp_path, capsys):
     """A store on a file system remounted read-only (needs root to mount, as CI has): a one-line error that
     names the path; the same command finishes once the file system is writable again."""
-    import subprocess
+    from helpers import remount, small_tmpfs
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
         store = disk / "L3R"
         _make_store(store, [300, 200])
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        remount(disk, "ro")
         assert main_preprocess(["--store", str(store), "--no-progress", "--workers", "1"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot write" in err[0] and str(store) in err[0] and "read-only" in err[0]
-        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        remount(disk, "rw")
         assert main_preprocess(["--store", str(store), "--no-progress", "--workers", "1"]) == 0
         assert ActivationStore(store).stats() is not None
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
