@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable
 from rich.console import Console
 from rich.table import Table
 
+from sae.io import is_native_dir
+
 from .batch_client import Estimate, JobRunner, Outcome, Request, RunnerOptions, RunSummary, estimate, make_client
 from .config import InterpretConfig, LLMJobConfig
 from .parsing import ParseError, parse_label
@@ -247,6 +249,8 @@ def run_interpret(cfg: InterpretConfig, *, console: Console | None = None, clien
     console = console or Console(stderr=True)
     meta = read_examples_meta(cfg.sae)
     latents = parse_latent_spec(cfg.latents, meta.get("n_latents"))
+    if (Path(cfg.sae) / "config.json").is_file():
+        is_native_dir(Path(cfg.sae))  # a damaged SAE config is an error here too, not only when loading the SAE
     if cfg.heuristic:
         counts = heuristic_labels(cfg.sae, latents, overwrite_llm_labels=cfg.overwrite_llm_labels)
         console.print(f"heuristic labels: {counts['labelled']:,} written to {cfg.sae / 'latents.jsonl'}; "

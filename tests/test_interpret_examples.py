@@ -328,3 +328,25 @@ def test_cuda_run_matches_cpu_run(ckpt, reference, uninterrupted, tmp_path):
         for agg in AGGREGATIONS:
             assert [v for _, v in g.top[agg]] == pytest.approx([v for _, v in w.top[agg]], rel=1e-3)
         assert g.score_random == w.score_random
+
+
+def test_a_read_only_output_is_one_line_and_the_run_finishes_once_writable(ckpt, reference, tmp_path, capsys):
+    """Top examples written beside an SAE on a file system remounted read-only (a tmpfs: needs root)."""
+    import shutil
+
+    from helpers import remount, small_tmpfs
+    from interpret.cli import main
+
+    sae_dir, _ = reference
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        sae = disk / "sae"
+        shutil.copytree(sae_dir, sae)
+        remount(disk, "ro")
+        argv = ["--ckpt-dir", str(ckpt), "--sae", str(sae), "--data", str(SENTENCES), "--limit", "16",
+                "--device", "cpu", "--model-dtype", "fp32", "--no-progress"]
+        assert main(["top-examples", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot write" in err[0] and str(sae) in err[0] and "read-only" in err[0]
+        remount(disk, "rw")
+        assert main(["top-examples", *argv]) == 0
+        assert json.loads((sae / "top_examples.json").read_text())["complete"]

@@ -121,3 +121,21 @@ def test_sae_files_follow_the_umask(tmp_path):
         assert stat.S_IMODE((tmp_path / "sae" / name).stat().st_mode) == 0o644
     again = load_sae(tmp_path / "sae")
     assert all(torch.equal(a, b) for a, b in zip(sae.state_dict().values(), again.state_dict().values()))
+
+
+def test_interpret_heuristic_refuses_a_damaged_sae_config(tmp_path):
+    from interpret.config import InterpretConfig
+    from interpret.labels import run_interpret
+    from interpret.records import EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, LatentExamples
+
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    rec = LatentExamples(0, {"docs": 1, "tokens": 2, "active_docs": 0, "active_tokens": 0, "max": 0.0, "sum": 0.0},
+                         {"max": [], "mean": [], "last": []}, [], [], [])
+    (sae / EXAMPLES_FILE).write_text(json.dumps(rec.to_json()) + "\n")
+    (sae / EXAMPLES_META).write_text(json.dumps({"format": EXAMPLES_FORMAT, "version": 1, "complete": True,
+                                                 "n_latents": 1}))
+    (sae / "sae.safetensors").write_bytes(b"")
+    (sae / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        run_interpret(InterpretConfig(sae=sae, heuristic=True, progress=False))
