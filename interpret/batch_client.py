@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from llama3_sae.errors import naming
+
 STATE_FORMAT = "llama3-sae-interpret-state"
 STATE_VERSION = 1
 
@@ -170,7 +172,7 @@ def _usage(usage: Any) -> dict[str, int]:
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with naming(path), open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
         f.flush()
@@ -208,7 +210,7 @@ class ResultsLog:
                 f.truncate(good_end)
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
