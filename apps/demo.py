@@ -477,8 +477,8 @@ def _print_numbers(console, results: dict[str, Any], work: Path) -> None:
                      f"{c['unsteered_share']:.0%} -> {c['steered_share']:.0%}; fluency drop {c['fluency_drop']:.2f} nat/token")
         sae_dir = results["sae"]["dir"]
         sam = s["sampling"]
-        lines.append(f"\nTry it yourself (the same sampling as above):\n  llama3-sae complete --sae {sae_dir} "
-                     f"--temperature {sam['temperature']:g} --top-p {sam['top_p']:g} --seed {sam['seed']} "
+        lines.append(f"\nTry it yourself (the same model dtype and sampling as above):\n  llama3-sae complete "
+                     f"--sae {sae_dir} --dtype fp32 --device cpu --temperature {sam['temperature']:g} --top-p {sam['top_p']:g} --seed {sam['seed']} "
                      f"--max-new-tokens {sam['max_new_tokens']} {json.dumps(s['prompts'][0])} "
                      f"--steer {c['latent']}={c['value']:g}\n  llama3-sae ui --sae {sae_dir}")
     lines.append(f"numbers: {work / RESULTS_FILE}  ({results['seconds']['total']:.0f} s)")

@@ -1,5 +1,7 @@
 """Dead-latent tracking (also under DDP), k-annealing, TopK -> JumpReLU conversion, a short training run."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -105,6 +107,7 @@ def test_short_training_run_learns_a_sparse_dictionary():
 # ----------------------------------------------------------------------------- DDP (gloo, 2 processes)
 def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    done = False
     try:
         torch.manual_seed(0)
         x = torch.randn(2 * 12, 8)
@@ -122,8 +125,14 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         if rank == 0:
             torch.save({"grads": {n: p.grad for n, p in sae.named_parameters()},
                         "since": tracker.tokens_since_fired}, out_file)
+        dist.barrier()  # both ranks done before either tears gloo down
+        done = True
     finally:
         dist.destroy_process_group()
+    if done:
+        # Skip the C++ teardown at interpreter exit: on a loaded machine gloo's threads can abort the process
+        # there ("terminate called without an active exception") after all the work is saved.
+        os._exit(0)
 
 
 def test_ddp_forward_averages_sparse_grads_and_tracker_reduces_with_min(tmp_path):
