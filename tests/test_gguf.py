@@ -215,3 +215,17 @@ def test_state_dict_names_every_problem(tmp_path):
     wrong = params.replace(dim=128, n_heads=8)
     with pytest.raises(ValueError, match="shape mismatch for token_embd.weight"):
         read_state_dict(f, wrong)
+
+
+def test_model_args_and_tokenizer_come_from_the_cache_once_written(tmp_path, monkeypatch):
+    from llama3.checkpoint import read_model_args
+
+    args = tiny_args(use_scaled_rope=False)
+    _, hf = _hf_twin(args, seed=12)
+    path = write_llama_gguf(tmp_path / "m.gguf", hf)
+    first = read_model_args(path)  # no cache yet: read from the file
+    load_model(path, dtype=torch.float32)  # writes the cache
+    import llama3.checkpoint as ck
+
+    monkeypatch.setattr(ck, "GGUFFile", None)  # the file is not opened again
+    assert read_model_args(path, max_seq_len=64) == first.replace(max_seq_len=64)
