@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama3.gguf import file_sha256
+from llama3_sae.files import sha256_file
 from llama3_sae.paths import cache_root
 
 from .config import add_dataclass_args, from_namespace
@@ -395,7 +395,7 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
         return [c.text for c in last.completions], [c.tokens for c in last.completions]
 
     # The measurement is a stage like the others: reused when nothing it depends on changed.
-    key = {"sae": file_sha256(work / "sae" / "sae.safetensors"), "prompts": prompts,
+    key = {"sae": sha256_file(work / "sae" / "sae.safetensors"), "prompts": prompts,
            "sampling": asdict(sampling), "latents": [p.latent for p in cands], "strengths": cfg.steer_strengths,
            "words": {p.topic: topic_words[p.topic] for p in cands}}
     cache = work / "steering.json"

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import queue
+import struct
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from llama3_sae.errors import naming
+from llama3_sae.files import HashIndex, sha256_file
 from llama3_sae.tensorfile import save_safetensors
 from safetensors.torch import load as st_load
 
@@ -40,6 +42,9 @@ INT_DTYPES = {"tokens": torch.int32, "doc_ids": torch.int64, "positions": torch.
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _DTYPE_ALIASES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
                   "float32": torch.float32, "fp32": torch.float32}
+
+
+VERIFIED_FILE = "verified.json"  # shard hashes checked so far, by size and modification time
 
 
 def shard_name(index: int) -> str:
@@ -68,16 +73,6 @@ def fsync_dir(path: Path) -> None:
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def sha256_file(path: Path, *, fsync: bool = False) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-        if fsync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -199,11 +194,36 @@ class ActivationStore:
         return read_tensors(self.path / entry["file"], entry.get("sha256"))
 
     def verify(self) -> None:
-        """Check every shard's sha256; raises ValueError naming the first bad shard."""
-        for i, entry in enumerate(self.shards):
-            got = sha256_file(self.shard_path(i))
-            if got != entry["sha256"]:
-                raise ValueError(f"{self.shard_path(i)}: sha256 does not match the manifest; the shard is corrupt")
+        """Check every shard's sha256 against the manifest; raises ValueError naming the first bad (or
+        truncated) shard. Hashes are remembered in ``verified.json`` by size and modification time, so an
+        unchanged shard is read once, not at every training run."""
+        index = HashIndex(self.path / VERIFIED_FILE)
+        try:
+            for i, entry in enumerate(self.shards):
+                path = self.shard_path(i)
+                declared = declared_size(path)
+                if declared is not None and path.stat().st_size < declared:
+                    raise ValueError(f"{path} is truncated: its header needs {declared:,} bytes, the file has "
+                                     f"{path.stat().st_size:,}. Re-run the capture (or preprocess) that wrote it")
+                got = index.sha256(path, key=entry["file"])
+                if got != entry["sha256"]:
+                    raise ValueError(f"{path}: sha256 {got[:12]}... does not match the manifest's "
+                                     f"{entry['sha256'][:12]}...: the shard is corrupt (flipped bytes or an incomplete "
+                                     "copy). Re-run the capture (or preprocess) that wrote it")
+        finally:
+            index.save()
+
+
+def declared_size(path: Path) -> int | None:
+    """The size a safetensors file's header says it has, or None when the header cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        return 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                                    default=0)
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -28,8 +28,7 @@ import torch
 from llama3_sae.paths import cache_root
 
 from .args import ModelArgs
-from .gguf import CACHE_VERSION as GGUF_CACHE_VERSION
-from .gguf import GGUFFile, TokenizerSpec, file_sha256, find_gguf, load_gguf
+from .gguf import GGUFFile, TokenizerSpec, cached_meta, find_gguf, load_gguf
 from .hf_tokenizer import HFTokenizer
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -208,7 +207,7 @@ def read_model_args(ckpt_dir: str | Path, layout: Layout | None = None, **overri
     layout = layout or detect_layout(ckpt_dir)
     if layout == "gguf":
         path = find_gguf(ckpt_dir)
-        cached = _gguf_cached_meta(path)
+        cached = cached_meta(path, gguf_cache_dir())
         if cached is not None and cached.get("params"):
             return ModelArgs(**{**cached["params"], **overrides})
         return GGUFFile(path).model_args(**overrides)
@@ -561,25 +560,9 @@ def load_tokenizer(ckpt_dir: str | Path, tokenizer_path: str | Path | None = Non
 
 def _gguf_tokenizer_spec(path: Path):
     """The tokenizer part of a GGUF file, from the dequantization cache when it has the file."""
-    raw = (_gguf_cached_meta(path) or {}).get("tokenizer")
+    raw = (cached_meta(path, gguf_cache_dir()) or {}).get("tokenizer")
     return TokenizerSpec.from_json(raw) if raw else GGUFFile(path).tokenizer_spec()
 
-
-def _gguf_cached_meta(path: Path) -> dict | None:
-    """What the dequantization cache recorded about ``path`` (params, tokenizer), or None. Opening a GGUF
-    parses its whole vocabulary (seconds); this reads one small JSON file."""
-    cache = gguf_cache_dir()
-    if cache is None or not cache.is_dir():
-        return None
-    sha = file_sha256(path)
-    for meta in sorted(cache.glob(f"{sha[:24]}-*/meta.json")):
-        try:
-            raw = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            continue
-        if raw.get("sha256") == sha and raw.get("version") == GGUF_CACHE_VERSION:
-            return raw
-    return None
 
 
 # --------------------------------------------------------------------------- writing

@@ -19,10 +19,10 @@ second start reads no GGUF at all.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama3_sae.files import HashIndex
 from llama3_sae.tensorfile import save_safetensors
 
 from .args import ModelArgs
@@ -356,12 +357,28 @@ def read_state_dict(f: GGUFFile, params: ModelArgs, *, dtype: torch.dtype = torc
 
 
 # --------------------------------------------------------------------------- the cache
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """The GGUF file's sha256, hashed once per version of the file (``cache_dir/hashes.json``)."""
+    index = HashIndex(Path(cache_dir) / "hashes.json")
+    digest = index.sha256(path)
+    index.save()
+    return digest
+
+
+def cached_meta(path: Path, cache_dir: Path | None) -> dict[str, Any] | None:
+    """What the cache recorded about ``path`` (params, tokenizer) for any dtype, or None. Opening a GGUF parses
+    its whole vocabulary (seconds); this reads one small JSON file."""
+    if cache_dir is None or not Path(cache_dir).is_dir():
+        return None
+    sha = file_sha256(path, cache_dir)
+    for meta in sorted(Path(cache_dir).glob(f"{sha[:24]}-*/meta.json")):
+        try:
+            raw = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        if raw.get("sha256") == sha and raw.get("version") == CACHE_VERSION:
+            return raw
+    return None
 
 
 @dataclass
@@ -373,7 +390,6 @@ class GGUFCheckpoint:
     params: ModelArgs
     tokenizer: TokenizerSpec | None
     """None when the file holds no tokenizer."""
-    from_cache: bool = False
     sha256: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -390,7 +406,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype = torch.float32, device: t
     path = Path(path)
     sha = None
     if cache_dir is not None:
-        sha = file_sha256(path)
+        sha = file_sha256(path, cache_dir)
         entry = Path(cache_dir) / f"{sha[:24]}-{_dtype_name(dtype)}-v{CACHE_VERSION}"
         if (entry / "meta.json").is_file():
             try:
@@ -430,14 +446,10 @@ def _write_cache(ckpt: GGUFCheckpoint, entry: Path) -> None:
                 "params": _runtime_free(ckpt.params), "tokenizer": ckpt.tokenizer.to_json() if ckpt.tokenizer else None, "info": ckpt.info}
         (tmp / "meta.json").write_text(json.dumps(meta))
         if entry.exists():
-            import shutil
-
             shutil.rmtree(entry)
         os.replace(tmp, entry)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -452,5 +464,4 @@ def _read_cache(path: Path, entry: Path, sha: str, device, overrides: dict[str, 
     if params.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     spec = TokenizerSpec.from_json(meta["tokenizer"]) if meta.get("tokenizer") else None
-    return GGUFCheckpoint(path, sd, params, spec, from_cache=True,
-                          sha256=sha, info=meta.get("info", {}))
+    return GGUFCheckpoint(path, sd, params, spec, sha256=sha, info=meta.get("info", {}))

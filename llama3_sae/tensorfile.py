@@ -48,9 +48,3 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
         if fsync:
             os.fsync(fh.fileno())
 
-
-def umask_mode(base: int = 0o666) -> int:
-    """``base`` under the process's umask: the mode ``open()`` would give a new file (mkstemp gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return base & ~mask

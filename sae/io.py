@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from llama3_sae.errors import naming
-from llama3_sae.tensorfile import save_safetensors, umask_mode
+from llama3_sae.files import umask_mode
+from llama3_sae.tensorfile import save_safetensors
 
 from .config import FORMAT_NAME, FORMAT_VERSION, SAEConfig
 from .model import SparseAutoencoder

@@ -141,8 +141,9 @@ def test_dequantized_weights_are_cached_by_hash(tmp_path, monkeypatch):
     model, hf = _hf_twin(args, seed=7)
     path = write_llama_gguf(tmp_path / "m.gguf", hf)
     first = load_model(path, dtype=torch.float32)
-    entries = list((tmp_path / "cache" / "gguf").iterdir())
+    entries = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
     assert len(entries) == 1 and (entries[0] / "weights.safetensors").is_file()
+    assert (tmp_path / "cache" / "gguf" / "hashes.json").is_file()  # the file is hashed once per version
     import llama3.gguf as mod
 
     monkeypatch.setattr(mod, "GGUFFile", None)  # a second load must not open the GGUF at all

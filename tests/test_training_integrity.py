@@ -40,12 +40,12 @@ def test_verification_is_recorded_and_not_repeated(tmp_path, monkeypatch):
     assert _train(store, tmp_path / "a") == 0
     record = json.loads((store / "verified.json").read_text())
     assert sorted(record) == ["shard-000000.safetensors", "shard-000001.safetensors", "shard-000002.safetensors"]
-    import training.data as data
+    import llama3_sae.files as files
 
-    def no_hashing(path):
+    def no_hashing(path, **kw):
         raise AssertionError(f"hashed {path} again")
 
-    monkeypatch.setattr(data, "sha256_file", no_hashing)
+    monkeypatch.setattr(files, "sha256_file", no_hashing)
     assert _train(store, tmp_path / "b") == 0
 
 

@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from capture.store import ActivationStore, atomic_write_json, sha256_file
+from capture.store import ActivationStore
 
 # safetensors dtype name -> (numpy dtype with the same bytes, torch dtype the bytes mean)
 _ST_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
@@ -72,55 +72,6 @@ def mmap_safetensor(path: Path, name: str) -> tuple[np.memmap, torch.dtype]:
                          "Re-run the capture (or preprocess) that wrote it")
     arr = np.memmap(path, dtype=np_dtype, mode="r", offset=8 + header_len + begin, shape=shape)
     return arr, torch_dtype
-
-
-VERIFIED_FILE = "verified.json"
-
-
-def _declared_size(path: Path) -> int | None:
-    """The size a safetensors file's header says it has, or None when the header cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        return 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                                    default=0)
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        return None
-
-
-def verify_store(store: ActivationStore) -> None:
-    """Check every shard's sha256 against the manifest, once: a shard whose size and mtime match a recorded
-    verification (``verified.json`` in the store) is not read again. A mismatch raises ValueError naming
-    the shard."""
-    record_path = store.path / VERIFIED_FILE
-    try:
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        record = {}
-    changed = False
-    for i, entry in enumerate(store.shards):
-        path = store.shard_path(i)
-        st = path.stat()
-        key = [entry["sha256"], st.st_size, st.st_mtime_ns]
-        if record.get(entry["file"]) == key:
-            continue
-        declared = _declared_size(path)
-        if declared is not None and st.st_size < declared:
-            raise ValueError(f"{path} is truncated: its header needs {declared:,} bytes, the file has {st.st_size:,}. "
-                             "Re-run the capture (or preprocess) that wrote it")
-        got = sha256_file(path)
-        if got != entry["sha256"]:
-            raise ValueError(f"{path}: sha256 {got[:12]}... does not match the manifest's {entry['sha256'][:12]}...: "
-                             "the shard is corrupt (flipped bytes or an incomplete copy). Re-run the capture (or "
-                             "preprocess) that wrote it")
-        record[entry["file"]] = key
-        changed = True
-    if changed:
-        try:
-            atomic_write_json(record_path, record)
-        except OSError:
-            pass  # a read-only store is verified again next time, nothing worse
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -167,7 +118,7 @@ class StoreRows:
         for s in range(len(rows)):  # check every header now: a bad shard fails here, not hours into training
             if rows[s]:
                 self._shard_map(s)
-        verify_store(self.store)
+        self.store.verify()  # once per shard version: the hashes are recorded in the store
         self._np_dtype = next(iter(self._maps.values())).dtype
 
     def _shard_map(self, s: int) -> np.memmap:
