@@ -19,7 +19,7 @@ import torch
 from llama3 import Llama
 from llama3.generation import Completion, Dialog
 from llama3.model import Site, site_name
-from sae import Edit, SparseAutoencoder, check_injection, load_sae, steer_fn
+from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
 
 from .common import DTYPES, DTypeName, resolve_device
 from .latents import LatentCatalog
@@ -152,6 +152,7 @@ class Engine:
         self.sae_dir = sae_dir
         self.site: Site | None = None
         if sae is not None:
+            sae = bind_to_model(sae, llm.model)
             self.site = check_injection(sae, llm.model.params, site)
             sae.to(llm.model.tok_embeddings.weight.device).eval()
             sae.requires_grad_(False)
@@ -179,7 +180,7 @@ class Engine:
                 raise FileNotFoundError(f"--sae {sae_path}: no such file or directory")
             sae = load_sae(sae_path, site=site, device=device)
             try:
-                check_injection(sae, read_model_args(ckpt), site)
+                check_injection(sae, read_model_args(ckpt), site, require_bound=False)
             except ValueError as e:
                 raise ValueError(f"the SAE in {sae_path} does not fit the model in {ckpt}: {e}") from None
         if max_batch_size < 1:

@@ -230,8 +230,14 @@ class TransformerBlock(nn.Module):
         a = self._site("attn_out", self.attention(a, cos, sin, start_pos, use_cache), acts)
         h = self._site("resid_mid", x + a, acts)
         m = self._site("mlp_in", self.ffn_norm(h), acts)
-        transcoder = self.fns.get(TRANSCODER)
-        m = self._site("mlp_out", self.feed_forward(m) if transcoder is None else transcoder(m), acts)
+        tc = self.fns.get(TRANSCODER)
+        if tc is None:
+            out = self.feed_forward(m)
+        elif getattr(tc, "keeps_mlp", False):  # steering through a transcoder: f(mlp_in, mlp_out) -> mlp_out'
+            out = tc(m, self.feed_forward(m))
+        else:
+            out = tc(m)
+        m = self._site("mlp_out", out, acts)
         return self._site("resid_post", h + m, acts)
 
 
@@ -245,7 +251,9 @@ class Transformer(nn.Module):
             e.g. ``"L15R"``) after each forward; a bare int means that layer's ``resid_post``.
         sae_layer_forward_fn: ``{site: f}``; ``f(x) -> x'`` replaces the activation at that site for every
             position, with or without the KV cache. A site ``(L, "mlp")`` / ``"L{L}TC"`` replaces block L's
-            MLP (a transcoder). Stored activations are taken before the function.
+            MLP (a transcoder): ``f(mlp_in) -> mlp_out``, or, when ``f.keeps_mlp`` is true,
+            ``f(mlp_in, mlp_out) -> mlp_out'`` (the MLP still runs; steering edits its output). Stored
+            activations are taken before the function.
     """
 
     def __init__(self, params: ModelArgs, store_layer_activ: Iterable | None = None,

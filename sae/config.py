@@ -9,11 +9,14 @@ from typing import Any
 import torch
 
 FORMAT_NAME = "llama3-sae"
-FORMAT_VERSION = 1
-"""Bump when config.json or the tensor layout changes meaning; ``from_dict`` rejects versions it does not know."""
+FORMAT_VERSION = 2
+"""Bump when config.json or the tensor layout changes meaning; ``from_dict`` rejects versions it does not know.
+Version 2 added ``skip_connection``, the "per_token_rms" normalisation and transcoder sites; version 1 files
+read unchanged."""
+READABLE_VERSIONS = (1, 2)
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
-NORMALIZATIONS = ("none", "per_token", "dataset")
+NORMALIZATIONS = ("none", "per_token", "per_token_rms", "dataset")
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -25,7 +28,10 @@ class SAEConfig:
 
         pre   = W_enc (x - b_pre) + b_enc        # "- b_pre" only when apply_b_pre_to_input
         h     = act(pre)                         # topk / batchtopk / jumprelu / relu, never negative
-        x_hat = W_dec^T h + b_pre
+        x_hat = W_dec^T h + b_pre  (+ W_skip x, the raw input, with skip_connection)
+
+    A transcoder (site "L{layer}TC") has the same math, but reads block L's MLP input (``mlp_in``) and
+    predicts its output (``mlp_out``): ``x_hat`` is the MLP output, not a copy of the input.
     """
 
     d_model: int
@@ -47,11 +53,16 @@ class SAEConfig:
     normalization: str = "none"
     """Input normalisation applied before the SAE and undone after it: "none"; "per_token"
     ((x - mean(x)) / (std(x) + norm_eps) for each token, the seed's); "dataset" ((x - shift) * scale with
-    statistics stored in the SAE, e.g. Llama Scope's sqrt(d_model) / average norm)."""
+    statistics stored in the SAE, e.g. Llama Scope's sqrt(d_model) / average norm); "per_token_rms"
+    (x * sqrt(d_model) / ||x|| for each token, SAELens's constant_norm_rescale)."""
     norm_eps: float = 1e-6
     """Epsilon of per_token normalisation."""
+    skip_connection: bool = False
+    """A learned linear map of the raw input added to the output, W_skip [d_model, d_model] (sparsify's and
+    SAELens's skip transcoders)."""
     site: str | None = None
-    """Hook site the SAE reads, canonical short name such as "L15R"; None when unknown."""
+    """Hook site the SAE reads, canonical short name such as "L15R", or "L15TC" for a transcoder of block
+    15's MLP; None when unknown."""
     model_name: str | None = None
     """Model the SAE was trained on (free text, e.g. "meta-llama/Llama-3.2-3B")."""
     dtype: str = "float32"
@@ -95,6 +106,11 @@ class SAEConfig:
             raise ValueError("invalid SAEConfig: " + "; ".join(problems))
 
     @property
+    def is_transcoder(self) -> bool:
+        """Reads block L's MLP input and predicts its output (site "L{L}TC")."""
+        return self.site is not None and self.site.endswith("TC")
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
@@ -102,7 +118,12 @@ class SAEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        body = dataclasses.asdict(self)
+        if not (self.skip_connection or self.normalization == "per_token_rms" or self.is_transcoder):
+            # Nothing version 2 added is used: write version 1, which older releases read.
+            body.pop("skip_connection")
+            return {"format": FORMAT_NAME, "format_version": 1, **body}
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> "SAEConfig":
@@ -112,27 +133,23 @@ class SAEConfig:
         if raw.get("format") != FORMAT_NAME:
             raise ValueError(f"{where}: format={raw.get('format')!r}, expected {FORMAT_NAME!r}")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(f"{where}: format_version={version!r} is not supported by this code "
-                             f"(it reads version {FORMAT_VERSION}); upgrade llama3-sae or re-export the SAE")
+                             f"(it reads versions {READABLE_VERSIONS}); upgrade llama3-sae or re-export the SAE")
         body = {k: v for k, v in raw.items() if k not in ("format", "format_version")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(body) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown} for format_version {FORMAT_VERSION}")
+            raise ValueError(f"{where}: unknown keys {unknown} for format_version {version}")
         return cls(**body)
 
 
 def canonical_site(site: Any) -> str:
-    """A site as this project writes it ("L15R"); transcoder sites are refused (an SAE reads one point)."""
+    """A site as this project writes it ("L15R", "L15TC" for a transcoder)."""
     # The site grammar belongs to the model module; import here so the SAE math has no model dependency.
-    from llama3.model import TRANSCODER, parse_site, site_name
+    from llama3.model import parse_site, site_name
 
-    parsed = parse_site(site)
-    if parsed.point == TRANSCODER:
-        raise ValueError(f"site {site!r} is a transcoder site (mlp_in -> mlp_out); an SAE reconstructs one "
-                         "point, e.g. L{layer}M or L{layer}MI")
-    return site_name(parsed)
+    return site_name(parse_site(site))
 
 
 def resolve_bos(override: bool | None, cfg: SAEConfig | None, tokenizer: Any) -> tuple[bool, str | None]:

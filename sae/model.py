@@ -74,6 +74,9 @@ class SparseAutoencoder(nn.Module):
             self.register_buffer("threshold", torch.zeros(L, dtype=torch.float32, device=device))
         if cfg.architecture == "batchtopk":
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64, device=device))
+        if cfg.skip_connection:
+            # [d_out, d_in]: x_hat += x @ W_skip^T, on the raw input (zero at init: the SAE starts without it).
+            self.W_skip = nn.Parameter(torch.zeros(d, d, dtype=dtype, device=device))
         if cfg.normalization == "dataset":
             self.register_buffer("norm_shift", torch.zeros(d, dtype=torch.float32, device=device))
             self.register_buffer("norm_in_scale", torch.ones((), dtype=torch.float32, device=device))
@@ -93,6 +96,8 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.copy_(w)  # encoder = decoder^T in math terms; both are stored row-per-latent
         self.b_enc.zero_()
         self.b_pre.zero_()
+        if self.cfg.skip_connection:
+            self.W_skip.zero_()
 
     @torch.no_grad()
     def fit_dataset_norm(self, activations: torch.Tensor | Iterable[torch.Tensor], *, center: bool = False) -> None:
@@ -156,6 +161,9 @@ class SparseAutoencoder(nn.Module):
             shift = x.mean(-1, keepdim=True)
             scale = 1.0 / (x.std(-1, keepdim=True) + self.cfg.norm_eps)
             return NormStats(shift, scale, scale)
+        if kind == "per_token_rms":
+            scale = math.sqrt(self.cfg.d_model) / x.norm(dim=-1, keepdim=True)
+            return NormStats(x.new_zeros(()), scale, scale)
         if kind == "dataset":
             return NormStats(self.norm_shift, self.norm_in_scale, self.norm_out_scale)
         one = x.new_ones(())
@@ -269,16 +277,32 @@ class SparseAutoencoder(nn.Module):
         codes = [self._encode(part, k=k, batch_topk=False, dead_mask=None, k_aux=0)[0] for part in xn.split(rows)]
         return _cat_codes(codes)
 
-    def encode(self, x: torch.Tensor, *, sparse: bool = False, k: int | None = None) -> torch.Tensor | SparseCode:
+    def encode(self, x: torch.Tensor, *, sparse: bool = False, k: int | None = None,
+               scale: str = "native") -> torch.Tensor | SparseCode:
         """Latent activations of ``x`` [..., d_model].
 
         Returns the dense code [..., n_latents] (zeros where a latent is off), or with ``sparse=True`` a
         ``SparseCode`` of [..., m] values and indices. BatchTopK SAEs use their learned threshold here.
         Differentiable with respect to x and the weights.
+
+        scale: "native" -- the SAE's own codes; for a loaded SAE these are what its library's ``encode``
+        returns (``cfg.source["code_scale"]`` says which); "decoder_norm" -- the norm of each latent's
+        contribution to the reconstruction, in the activations' own units (codes times ||W_dec[i]||, divided
+        by the output normalisation's scale): comparable across SAEs, and what SAELens reports for an SAE of
+        ours ranked by decoder norm once exported.
         """
+        if scale not in ("native", "decoder_norm"):
+            raise ValueError(f"scale={scale!r} must be 'native' or 'decoder_norm'")
         flat = self._flat(x)
-        xn, _ = self._normalize(flat)
-        code = self._code(xn, k=k).unflatten(x.shape[:-1])
+        xn, stats = self._normalize(flat)
+        code = self._code(xn, k=k)
+        if scale == "decoder_norm":
+            # ||h_i W_dec[i]|| mapped out of the normalised space: the latent's share of x_hat, in x's units.
+            f = self.W_dec.float().norm(dim=1)[code.indices]
+            if self.cfg.normalization != "none":
+                f = f / stats.out_scale
+            code = SparseCode(code.values * f.to(code.values.dtype), code.indices)
+        code = code.unflatten(x.shape[:-1])
         return code if sparse else code.to_dense(self.cfg.n_latents)
 
     # ------------------------------------------------------------------ decoder
@@ -301,17 +325,28 @@ class SparseAutoencoder(nn.Module):
         y = sparse_decode(code.values.to(self.W_dec.dtype), code.indices, self.W_dec)
         return y + self.b_pre if bias else y
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The skip connection's term W_skip x for raw inputs [N, d] (float32), or None without one."""
+        if not self.cfg.skip_connection:
+            return None
+        return F.linear(x.to(self.W_skip.dtype), self.W_skip).float()
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """decode(encode(x)) in x's shape and dtype."""
+        """decode(encode(x)) (plus the skip term, if any) in x's shape and dtype. For a transcoder this is
+        the predicted MLP output for MLP input x."""
         flat = self._flat(x)
         xn, stats = self._normalize(flat)
-        return self.denormalize(self._decode_n(self._code(xn)), stats).to(x.dtype).reshape(x.shape)
+        y = self.denormalize(self._decode_n(self._code(xn)), stats)
+        s = self.skip(flat)
+        return (y if s is None else y + s).to(x.dtype).reshape(x.shape)
 
     # ------------------------------------------------------------------ training
-    def forward(self, x: torch.Tensor, *, k: int | None = None, dead_mask: torch.Tensor | None = None,
-                k_aux: int | None = None, aux_coeff: float = 1 / 32, l1_coeff: float = 0.0) -> ForwardOutput:
+    def forward(self, x: torch.Tensor, *, target: torch.Tensor | None = None, k: int | None = None,
+                dead_mask: torch.Tensor | None = None, k_aux: int | None = None, aux_coeff: float = 1 / 32,
+                l1_coeff: float = 0.0) -> ForwardOutput:
         """One training forward: encode, decode, losses in the normalised space.
 
+        target: what to reconstruct, x's shape (a transcoder's MLP output); default x itself.
         k: override the SAE's k (k-annealing; see ``sae.training.KSchedule``). dead_mask: [n_latents]
         bool, latents to train with the aux-k loss (``DeadLatentTracker.dead_mask``). k_aux: dead latents
         used per token (default d_model // 2). BatchTopK selects over the whole batch in training mode
@@ -326,7 +361,13 @@ class SparseAutoencoder(nn.Module):
         if batch_threshold is not None:
             self._update_batch_threshold(batch_threshold)
         x_hat_n = self._decode_n(code)
-        target = (flat.float() - stats.shift) * stats.out_scale
+        y = flat if target is None else self._flat(target)
+        if y.shape != flat.shape:
+            raise ValueError(f"target has shape {tuple(target.shape)}, the input {tuple(x.shape)}")
+        s = self.skip(flat)
+        if s is not None:  # the skip term is learned in the output's normalised space like the rest
+            x_hat_n = x_hat_n + s * stats.out_scale if self.cfg.normalization != "none" else x_hat_n + s
+        target = (y.float() - stats.shift) * stats.out_scale
         mse = (x_hat_n.float() - target).pow(2).mean()
         zero = mse.new_zeros(())
         aux_loss = zero

@@ -124,7 +124,8 @@ def zero_fn() -> SaeFn:
 
 
 def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
-    """x [B, T, d] (or [B, d]) -> x + decode(h_edited) - decode(h), in x's dtype.
+    """x [B, T, d] (or [B, d]) -> x + decode(h_edited) - decode(h), in x's dtype. For a transcoder,
+    (mlp_in, mlp_out) -> mlp_out + decode(h_edited) - decode(h), h the code of mlp_in.
 
     With no edits the function returns x itself. Rows no edit applies to come back bit for bit too.
     Only the edited latents' decoder rows are touched: decode is linear, so
@@ -138,11 +139,13 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
         if e.latent >= sae.cfg.n_latents:
             raise ValueError(f"edit on latent {e.latent}, but this SAE has latents 0..{sae.cfg.n_latents - 1}")
     if not edits:
-        return _identity
+        return _keep_mlp if sae.cfg.is_transcoder else _identity
     latents = sorted({e.latent for e in edits})
     column = {latent: j for j, latent in enumerate(latents)}
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        # base: what the edit is added to; x itself for an SAE, the MLP's own output for a transcoder.
+        base = x if base is None else base
         if x.dim() < 2:
             raise ValueError(f"steering expects [batch, ..., d_model], got shape {tuple(x.shape)}")
         B = x.shape[0]
@@ -171,11 +174,15 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
         w = sae.W_dec[lat].float()  # [E, d]
         delta_n = delta_h @ w  # normalised space; the bias cancels in the difference
         delta = delta_n / stats.out_scale if sae.cfg.normalization != "none" else delta_n
-        out = flat.float() + delta
+        flat_base = base.reshape(flat.shape)
+        out = flat_base.float() + delta
         # Untouched tokens keep their exact input (x + 0 rounds back to x, but say so explicitly).
-        out = torch.where(changed[:, None], out.to(x.dtype), flat)
-        return out.reshape(x.shape)
+        out = torch.where(changed[:, None], out.to(base.dtype), flat_base)
+        return out.reshape(base.shape)
 
+    if sae.cfg.is_transcoder:
+        # At an L{L}TC site the model calls fn(mlp_in, mlp_out): the MLP still runs and the edits move its output.
+        fn.keeps_mlp = True  # type: ignore[attr-defined]
     return fn
 
 
@@ -183,12 +190,55 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _keep_mlp(x: torch.Tensor, mlp_out: torch.Tensor) -> torch.Tensor:
+    return mlp_out
+
+
+_keep_mlp.keeps_mlp = True  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------------------- injection into llama3
-def check_injection(sae: SparseAutoencoder, params: Any, site: Any = None):
+def bind_to_model(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
+    """Fold what an SAE needs from the model it runs in, once: an SAE trained on TransformerLens's
+    ``ln1/ln2.hook_normalized`` (before the RMSNorm weight g; SAELens, Llama Scope transcoders) reads our
+    attn_in / mlp_in divided by g, so its encoder (and skip) columns are divided by g. Other SAEs pass through."""
+    point = sae.cfg.source.get("input_before_norm_weight")
+    if not point or sae.cfg.source.get("norm_weight_folded"):
+        return sae
+    from llama3.model import parse_site
+
+    if sae.cfg.site is None:
+        raise ValueError("this SAE reads a normalised input before the norm weight but names no site; pass site=...")
+    layer = parse_site(sae.cfg.site).layer
+    if layer >= len(model.layers):
+        raise ValueError(f"SAE site {sae.cfg.site} is past the model's last layer ({len(model.layers) - 1})")
+    block = model.layers[layer]
+    g = (block.attention_norm if point == "attn_in" else block.ffn_norm).weight.detach().float()
+    if g.shape[0] != sae.cfg.d_model:
+        raise ValueError(f"SAE reads d_model={sae.cfg.d_model} activations but the model's width is {g.shape[0]}")
+    if sae.cfg.apply_b_pre_to_input:
+        raise ValueError("this SAE subtracts its decoder bias from an input taken before the norm weight; that cannot "
+                         "be moved after the weight")
+    if bool((g == 0).any()):
+        raise ValueError(f"the model's {point} norm weight has zeros at layer {layer}; the SAE's input cannot be recovered")
+    with torch.no_grad():
+        inv = (1.0 / g).to(sae.W_enc.device)
+        sae.W_enc.copy_((sae.W_enc.float() * inv).to(sae.W_enc.dtype))
+        if sae.cfg.skip_connection:
+            sae.W_skip.copy_((sae.W_skip.float() * inv).to(sae.W_skip.dtype))
+    sae.cfg = sae.cfg.replace(source={**sae.cfg.source, "norm_weight_folded": True})
+    return sae
+
+
+def check_injection(sae: SparseAutoencoder, params: Any, site: Any = None, *, require_bound: bool = True):
     """The site an SAE goes to in a model with ``params`` (a ModelArgs), or a ValueError that says why it
-    cannot: no site known, a layer the model does not have, or a different width."""
+    cannot: no site known, a layer the model does not have, a different width, or (with ``require_bound``)
+    an input convention that ``bind_to_model`` has not folded yet."""
     from llama3.model import parse_site, site_name
 
+    if require_bound and sae.cfg.source.get("input_before_norm_weight") and not sae.cfg.source.get("norm_weight_folded"):
+        raise ValueError("this SAE reads TransformerLens's normalised input, before the RMSNorm weight: call "
+                         "sae.steering.bind_to_model(sae, model) first (the apps do)")
     chosen = site if site is not None else sae.cfg.site
     if chosen is None:
         raise ValueError("this SAE does not record which site it reads; pass site=... (e.g. 'L15R')")
@@ -209,6 +259,8 @@ def sae_hooks(sae: SparseAutoencoder, model: Any, *, mode: str = "steer", edits:
     """``{site: f}`` for ``Transformer(sae_layer_forward_fn=...)`` / ``model.set_hooks(...)``, checked
     against ``model.params`` (a Transformer or a ModelArgs). mode: "steer", "reconstruct" or "zero"."""
     params = getattr(model, "params", model)
+    if hasattr(model, "layers"):
+        bind_to_model(sae, model)
     target = check_injection(sae, params, site)
     if mode == "steer":
         fn = steer_fn(sae, edits)

@@ -40,8 +40,24 @@ def test_round_trip_is_exact(tmp_path, activation, normalization):
     x = torch.randn(10, 8)
     assert torch.equal(sae.reconstruct(x), back.reconstruct(x))
     on_disk = json.loads((tmp_path / "sae" / "config.json").read_text())
-    assert on_disk["format"] == "llama3-sae" and on_disk["format_version"] == FORMAT_VERSION
+    # Nothing version 2 added is used, so the file is version 1: older releases read it.
+    assert on_disk["format"] == "llama3-sae" and on_disk["format_version"] == 1 and "skip_connection" not in on_disk
     assert on_disk["site"] == "L2R" and on_disk["normalization"] == normalization
+
+
+@pytest.mark.parametrize("change", [{"skip_connection": True}, {"normalization": "per_token_rms"}, {"site": "L2TC"}])
+def test_version_2_features_round_trip(tmp_path, change):
+    sae = SparseAutoencoder(SAEConfig(d_model=8, n_latents=24, k=3, site="L2R").replace(**change), seed=3)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    sae.save(tmp_path / "s")
+    on_disk = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert on_disk["format_version"] == FORMAT_VERSION == 2
+    back = load_sae(tmp_path / "s")
+    assert back.cfg == sae.cfg
+    x = torch.randn(10, 8) * 3
+    assert torch.equal(sae.reconstruct(x), back.reconstruct(x))
 
 
 def test_bf16_round_trip_and_save_keeps_labels(tmp_path):
@@ -64,7 +80,7 @@ def test_unknown_version_and_keys_are_rejected(tmp_path):
     cfg_path = tmp_path / "s" / "config.json"
     raw = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**raw, "format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(ValueError, match="format_version=2 is not supported"):
+    with pytest.raises(ValueError, match=f"format_version={FORMAT_VERSION + 1} is not supported"):
         load_sae(tmp_path / "s")
     cfg_path.write_text(json.dumps({**raw, "surprise": 1}))
     with pytest.raises(ValueError, match="unknown keys"):

@@ -6,6 +6,7 @@ computes with the other library's documented formulas, written out here in plain
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ V6_META = {"model_name": "meta-llama/Llama-3.2-1B", "hook_name": "blocks.5.hook_
 def test_sae_lens_layouts(tmp_path, variant):
     t = saelens_tensors(threshold=variant == "jumprelu")
     base = {"d_in": D, "d_sae": L, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-            "normalize_activations": "none", "reshape_activations": "none", "meta": V6_META}
+            "normalize_activations": "none", "reshape_activations": "none", "metadata": V6_META}
     if variant == "topk":
         cfg = {**base, "architecture": "topk", "k": 5}
     elif variant == "jumprelu":
@@ -130,20 +131,25 @@ def test_sae_lens_layouts(tmp_path, variant):
 
 def test_sae_lens_unsupported_layouts_are_clear_errors(tmp_path):
     t = saelens_tensors()
-    base = {"d_in": D, "d_sae": L, "dtype": "float32", "apply_b_dec_to_input": True, "meta": V6_META}
-    with pytest.raises(ValueError, match="architecture='gated'"):
-        load_sae(write_saelens(tmp_path / "g", {**base, "architecture": "gated"}, t))
+    base = {"d_in": D, "d_sae": L, "dtype": "float32", "apply_b_dec_to_input": True, "metadata": V6_META}
     meta_z = {**V6_META, "hook_name": "blocks.5.attn.hook_z"}
     with pytest.raises(ValueError, match="hook_z"):
-        load_sae(write_saelens(tmp_path / "z", {**base, "architecture": "standard", "meta": meta_z}, t))
-    with pytest.raises(ValueError, match="constant_norm_rescale"):
-        load_sae(write_saelens(tmp_path / "c", {**base, "architecture": "standard",
-                                                 "normalize_activations": "constant_norm_rescale"}, t))
+        load_sae(write_saelens(tmp_path / "z", {**base, "architecture": "standard", "metadata": meta_z}, t))
+    with pytest.raises(ValueError, match="matryoshka"):
+        load_sae(write_saelens(tmp_path / "m", {**base, "architecture": "matryoshka_batchtopk"}, t))
+    tc = {**base, "architecture": "transcoder", "apply_b_dec_to_input": False,
+          "metadata": {**V6_META, "hook_name": "blocks.5.ln2.hook_normalized", "hook_name_out": "blocks.5.hook_mlp_out"}}
+    with pytest.raises(ValueError, match="d_out == d_in"):
+        load_sae(write_saelens(tmp_path / "w", {**tc, "d_out": D + 1}, t))
+    with pytest.raises(ValueError, match="normalises its input but not its output"):
+        load_sae(write_saelens(tmp_path / "n", {**tc, "normalize_activations": "layer_norm"}, t))
+    wrong = {**tc, "metadata": {**tc["metadata"], "hook_name_out": "blocks.6.hook_mlp_out"}}
+    with pytest.raises(ValueError, match="same block"):
+        load_sae(write_saelens(tmp_path / "o", wrong, t))
     meta_ln = {**V6_META, "hook_name": "blocks.5.ln1.hook_normalized"}
-    with pytest.warns(UserWarning, match="no equivalent site"):
-        sae = load_sae(write_saelens(tmp_path / "ln", {**base, "architecture": "standard", "meta": meta_ln}, t))
-    assert sae.cfg.site is None
-    assert load_sae(tmp_path / "ln", site="L5AI").cfg.site == "L5AI"
+    sae = load_sae(write_saelens(tmp_path / "ln", {**base, "architecture": "standard", "apply_b_dec_to_input": False,
+                                                    "metadata": meta_ln}, t))
+    assert sae.cfg.site == "L5AI" and sae.cfg.source["input_before_norm_weight"] == "attn_in"
     with pytest.raises(ValueError, match="says the SAE reads L5R"):
         load_sae(write_saelens(tmp_path / "ok", {**base, "architecture": "standard"}, t), site="L6R")
 
@@ -156,69 +162,147 @@ def write_llama_scope(path, hp, tensors):
     return path
 
 
+def lm_saes_v1(hp: dict, tensors: dict, x: torch.Tensor):
+    """Reference: what lm-saes 1.x computes for a published Llama Scope directory, written from
+    ``SparseAutoEncoder.from_pretrained`` / ``encode`` / ``decode`` in OpenMOSS/Language-Model-SAEs at v1.1.0
+    (commit e20105818d97169090856ce0485b9767e95b7bb3, src/lm_saes/sae.py), step by step on the state dict."""
+    sd = {k: v.clone().double() for k, v in tensors.items()}
+    d = hp["d_model"]
+    norm = hp.get("norm_activation", "token-wise")
+    if norm == "dataset-wise":  # standardize_parameters_of_dataset_activation_scaling
+        f_in = math.sqrt(d) / hp["dataset_average_activation_norm"]["in"]
+        f_out = math.sqrt(d) / hp["dataset_average_activation_norm"]["out"]
+        sd["encoder.bias"] = sd["encoder.bias"] / f_in
+        sd["decoder.bias"] = sd["decoder.bias"] / f_out
+        sd["decoder.weight"] = sd["decoder.weight"] * f_in / f_out
+        norm = "inference"
+    if hp.get("sparsity_include_decoder_norm", True):  # transform_to_unit_decoder_norm
+        n = sd["decoder.weight"].norm(p=2, dim=0)
+        sd["decoder.weight"] = sd["decoder.weight"] / n
+        sd["encoder.weight"] = sd["encoder.weight"] * n[:, None]
+        sd["encoder.bias"] = sd["encoder.bias"] * n
+    act = hp.get("act_fn", "relu")
+    thr = hp.get("jump_relu_threshold", 0.0)
+    if act == "topk" and thr > 0:
+        act = "jumprelu"
+    assert norm == "inference"  # compute_norm_factor is then 1
+    xx = x.double()
+    if hp.get("use_decoder_bias", True) and hp.get("apply_decoder_bias_to_pre_encoder", True):
+        xx = xx - sd["decoder.bias"]
+    pre = xx @ sd["encoder.weight"].T + sd["encoder.bias"]
+    if act == "jumprelu":
+        acts = pre.where(pre > thr, 0)
+    elif act == "topk":
+        r = pre.clamp(min=0.0)
+        score = r * sd["decoder.weight"].norm(p=2, dim=0) if hp.get("sparsity_include_decoder_norm", True) else r
+        idx = score.topk(hp["top_k"], dim=-1).indices
+        acts = torch.zeros_like(r).scatter(-1, idx, r.gather(-1, idx))
+    else:
+        acts = pre.clamp(min=0.0)
+    out = acts @ sd["decoder.weight"].T + sd["decoder.bias"]
+    return acts.float(), out.float()
+
+
 @pytest.mark.parametrize("norm_out", [24.0, 6.0])
-def test_llama_scope_jumprelu_with_dataset_norm(tmp_path, norm_out):
-    norm_in, thr = 24.0, 0.8
+def test_llama_scope_release_jumprelu_computes_as_lm_saes_1x(tmp_path, norm_out):
+    norm_in = 24.0
     enc_w, enc_b = rand(L, D, seed=1, scale=0.35), rand(L, seed=2, scale=0.1)
     dec_w, dec_b = rand(D, L, seed=3, scale=0.2), rand(D, seed=4, scale=0.5)
-    hp = {"d_model": D, "d_sae": L, "act_fn": "jumprelu", "jump_relu_threshold": thr, "top_k": 50,
+    dec_w = dec_w * (rand(L, seed=5).abs() + 0.4)  # uneven decoder column norms
+    hp = {"d_model": D, "d_sae": L, "act_fn": "jumprelu", "jump_relu_threshold": 0.0, "top_k": 50,
           "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": norm_in, "out": norm_out},
           "apply_decoder_bias_to_pre_encoder": False, "use_decoder_bias": True, "sparsity_include_decoder_norm": True,
           "hook_point_in": "blocks.15.hook_resid_post", "hook_point_out": "blocks.15.hook_resid_post"}
-    path = write_llama_scope(tmp_path / "L15R", hp, {"encoder.weight": enc_w, "encoder.bias": enc_b,
-                                                     "decoder.weight": dec_w, "decoder.bias": dec_b})
+    tensors = {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w, "decoder.bias": dec_b}
+    x = inputs(200, norm=norm_in)  # tokens with the dataset's average norm
+    # A threshold at the scale of the folded codes (as in the release): about a third of the latents fire.
+    hp["jump_relu_threshold"] = float(lm_saes_v1({**hp, "jump_relu_threshold": 0.0}, tensors, x)[0].quantile(0.8))
+    path = write_llama_scope(tmp_path / "L15R", hp, tensors)
+    (path / "lm_config.json").write_text(json.dumps({"model_name": "meta-llama/Llama-3.1-8B"}))
     assert detect_format(path) == "llama_scope"
     sae = load_sae(path)
-    x = inputs(200, norm=norm_in)  # tokens with the dataset's average norm
-    # Documented math: scale in by sqrt(d)/norm_in, JumpReLU on the pre-activation, scale out by norm_out/sqrt(d).
-    x_n = x * math.sqrt(D) / norm_in
-    pre = x_n @ enc_w.T + enc_b
-    acts = pre * (pre > thr)
-    out = (acts @ dec_w.T + dec_b) * norm_out / math.sqrt(D)
+    acts, out = lm_saes_v1(hp, tensors, x)
     with torch.no_grad():
         h = sae.encode(x)
+        assert torch.equal(h > 0, acts > 0)
         torch.testing.assert_close(h, acts, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.reconstruct(x), out, rtol=1e-5, atol=1e-5)
-    l0 = float((h > 0).sum(-1).float().mean())
-    assert l0 == pytest.approx(float((acts > 0).sum(-1).float().mean()))
-    # The usual mistake (feeding raw activations) gives a very different L0: this test can tell.
-    raw_pre = x @ enc_w.T + enc_b
-    wrong_l0 = float((raw_pre > thr).sum(-1).float().mean())
-    assert abs(wrong_l0 - l0) > 5, (wrong_l0, l0)
-    assert sae.cfg.site == "L15R" and sae.cfg.normalization == "dataset"
+    # The old reading (the threshold in the normalised space) gives a very different L0: this test can tell.
+    x_n = x * math.sqrt(D) / norm_in
+    wrong_l0 = float(((x_n @ enc_w.T + enc_b) > hp["jump_relu_threshold"]).sum(-1).float().mean())
+    l0 = float((acts > 0).sum(-1).float().mean())
+    assert abs(wrong_l0 - l0) > 3, (wrong_l0, l0)
+    assert sae.cfg.site == "L15R" and sae.cfg.normalization == "none"
+    assert sae.cfg.model_name == "meta-llama/Llama-3.1-8B"
+    assert sae.cfg.source["norm_factors_folded"]["in"] == pytest.approx(math.sqrt(D) / norm_in)
 
 
-def test_llama_scope_topk_with_decoder_norm_ranking_and_pre_encoder_bias(tmp_path):
+def test_llama_scope_release_topk_with_decoder_norm_ranking_and_pre_encoder_bias(tmp_path):
     enc_w, enc_b = rand(L, D, seed=5, scale=0.3), rand(L, seed=6, scale=0.1)
     dec_w, dec_b = rand(D, L, seed=7, scale=0.3), rand(D, seed=8, scale=0.2)
+    dec_w = dec_w * (rand(L, seed=9).abs() + 0.4)
     hp = {"d_model": D, "d_sae": L, "act_fn": "topk", "top_k": 6, "norm_activation": "dataset-wise",
-          "dataset_average_activation_norm": {"in": 10.0, "out": 10.0}, "apply_decoder_bias_to_pre_encoder": True,
+          "dataset_average_activation_norm": {"in": 10.0, "out": 7.0}, "apply_decoder_bias_to_pre_encoder": True,
           "use_decoder_bias": True, "sparsity_include_decoder_norm": True,
           "hook_point_in": "blocks.3.hook_mlp_out", "hook_point_out": "blocks.3.hook_mlp_out"}
-    path = write_llama_scope(tmp_path / "m", hp, {"encoder.weight": enc_w, "encoder.bias": enc_b,
-                                                  "decoder.weight": dec_w, "decoder.bias": dec_b})
+    tensors = {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w, "decoder.bias": dec_b}
+    path = write_llama_scope(tmp_path / "m", hp, tensors)
     sae = load_sae(path)
     x = inputs(norm=10.0)
-    s = math.sqrt(D) / 10.0
-    pre = (x * s - dec_b) @ enc_w.T + enc_b
-    r = torch.relu(pre)
-    idx = (r * dec_w.norm(dim=0)).topk(6, dim=-1).indices
-    acts = torch.zeros_like(r).scatter(-1, idx, r.gather(-1, idx))
-    out = (acts @ dec_w.T + dec_b) / s
+    acts, out = lm_saes_v1(hp, tensors, x)
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), acts, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.reconstruct(x), out, rtol=1e-5, atol=1e-5)
-    assert sae.cfg.site == "L3M" and sae.cfg.rank_by_decoder_norm
+    assert sae.cfg.site == "L3M" and sae.cfg.architecture == "topk"
+    # A positive jump_relu_threshold makes lm-saes run the TopK SAE as a JumpReLU at inference.
+    hp2 = {**hp, "jump_relu_threshold": 0.3}
+    path2 = write_llama_scope(tmp_path / "m2", hp2, tensors)
+    acts2, out2 = lm_saes_v1(hp2, tensors, x)
+    sae2 = load_sae(path2)
+    assert sae2.cfg.architecture == "jumprelu"
+    with torch.no_grad():
+        torch.testing.assert_close(sae2.encode(x), acts2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae2.reconstruct(x), out2, rtol=1e-5, atol=1e-5)
 
 
-def test_llama_scope_transcoder_is_refused(tmp_path):
-    hp = {"d_model": D, "d_sae": L, "act_fn": "jumprelu", "jump_relu_threshold": 0.1,
-          "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": 1.0, "out": 1.0},
-          "hook_point_in": "blocks.3.ln2.hook_normalized", "hook_point_out": "blocks.3.hook_mlp_out"}
-    path = write_llama_scope(tmp_path / "tc", hp, {"encoder.weight": rand(L, D), "encoder.bias": rand(L),
-                                                   "decoder.weight": rand(D, L), "decoder.bias": rand(D)})
-    with pytest.raises(ValueError, match="transcoder"):
-        load_sae(path)
+def test_llama_scope_release_transcoder_reads_ln2_before_the_norm_weight(tmp_path):
+    from helpers import make_random_model, tiny_args
+
+    hp = {"d_model": D, "d_sae": L, "act_fn": "jumprelu", "jump_relu_threshold": 0.05,
+          "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": 4.0, "out": 2.0},
+          "apply_decoder_bias_to_pre_encoder": False, "sparsity_include_decoder_norm": True,
+          "hook_point_in": "blocks.1.ln2.hook_normalized", "hook_point_out": "blocks.1.hook_mlp_out"}
+    tensors = {"encoder.weight": rand(L, D, seed=1, scale=0.3), "encoder.bias": rand(L, seed=2, scale=0.1),
+               "decoder.weight": rand(D, L, seed=3, scale=0.3), "decoder.bias": rand(D, seed=4, scale=0.1)}
+    path = write_llama_scope(tmp_path / "tc", hp, tensors)
+    sae = load_sae(path)
+    assert sae.cfg.site == "L1TC" and sae.cfg.is_transcoder
+    model = make_random_model(tiny_args(dim=D, n_heads=2, n_kv_heads=1, multiple_of=16), norm_jitter=0.5)
+    from sae import bind_to_model
+
+    bind_to_model(sae, model)
+    x_tl = inputs(norm=4.0)
+    acts, out = lm_saes_v1(hp, tensors, x_tl)
+    mlp_in = x_tl * model.layers[1].ffn_norm.weight.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(mlp_in), acts, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sae.reconstruct(mlp_in), out, rtol=1e-5, atol=1e-5)
+    bind_to_model(sae, model)  # folding twice would divide by the weight twice: it is done once
+    with torch.no_grad():
+        torch.testing.assert_close(sae.reconstruct(mlp_in), out, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_scope_release_refuses_what_it_cannot_compute(tmp_path):
+    base = {"d_model": D, "d_sae": L, "act_fn": "jumprelu", "jump_relu_threshold": 0.1,
+            "hook_point_in": "blocks.3.hook_resid_post"}
+    t = {"encoder.weight": rand(L, D), "encoder.bias": rand(L), "decoder.weight": rand(D, L), "decoder.bias": rand(D)}
+    with pytest.raises(ValueError, match="token-wise"):
+        load_sae(write_llama_scope(tmp_path / "a", {**base, "norm_activation": "token-wise"}, t))
+    with pytest.raises(ValueError, match="dataset_average_activation_norm"):
+        load_sae(write_llama_scope(tmp_path / "b", {**base, "norm_activation": "dataset-wise"}, t))
+    with pytest.raises(ValueError, match="MLP input"):
+        load_sae(write_llama_scope(tmp_path / "c", {**base, "norm_activation": "inference",
+                                                    "hook_point_out": "blocks.4.hook_resid_post"}, t))
 
 
 # ----------------------------------------------------------------------------- sparsify
@@ -247,16 +331,6 @@ def test_sparsify_layout(tmp_path, hookpoint, site):
         load_sae(tmp_path)
 
 
-def test_sparsify_skip_connection_refused(tmp_path):
-    path = tmp_path / "layers.1"
-    path.mkdir()
-    (path / "cfg.json").write_text(json.dumps({"k": 2, "d_in": D, "num_latents": L, "skip_connection": True}))
-    save_file({"encoder.weight": rand(L, D), "encoder.bias": rand(L), "W_dec": rand(L, D), "b_dec": rand(D)},
-              path / "sae.safetensors")
-    with pytest.raises(ValueError, match="skip_connection"):
-        load_sae(path)
-
-
 # ----------------------------------------------------------------------------- Goodfire
 def test_goodfire_state_dict(tmp_path):
     state = {"encoder_linear.weight": rand(L, D, seed=1, scale=0.3).bfloat16(),
@@ -276,8 +350,20 @@ def test_goodfire_state_dict(tmp_path):
         torch.testing.assert_close(sae.encode(x), h, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sae.reconstruct(x), out, rtol=1e-5, atol=1e-5)
     # bf16 as released: same function up to bf16 rounding.
-    native = load_sae(tmp_path)  # a directory with one .pth
-    assert native.W_enc.dtype == torch.bfloat16 and native.cfg.site is None
+    # The published name says layer 19's residual output of Llama-3.1-8B-Instruct: inferred, with a warning.
+    with pytest.warns(UserWarning, match="inferred site L19R"):
+        native = load_sae(tmp_path)  # a directory with one .pth
+    assert native.W_enc.dtype == torch.bfloat16 and native.cfg.site == "L19R"
+    assert native.cfg.model_name == "meta-llama/Llama-3.1-8B-Instruct"
+    assert native.cfg.source["inferred_from_file_name"] == ["site", "model_name"]
+    # A guess the caller corrects is not a contradiction.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_sae(f, site="L20R").cfg.site == "L20R"
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save(state, other / "my_sae.pth")
+    assert load_sae(other).cfg.site is None
     with pytest.raises(ValueError, match="not a Goodfire SAE"):
         torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
         load_sae(tmp_path / "other.pt")
@@ -303,7 +389,9 @@ def test_hook_name_mapping(name, site):
 
 
 def test_hook_names_without_equivalent():
-    for bad in ("blocks.3.ln1.hook_normalized", "blocks.3.attn.hook_z", "hook_embed", "blocks.x.hook_resid_post"):
+    assert hook_name_to_site("blocks.3.ln1.hook_normalized") == Site(3, "attn_in")  # bound to the model later
+    assert hook_name_to_site("blocks.3.hook_mlp_in") == Site(3, "resid_mid")  # TransformerLens: a copy of resid_mid
+    for bad in ("blocks.3.attn.hook_z", "hook_embed", "blocks.x.hook_resid_post"):
         with pytest.raises(ValueError, match="no equivalent site"):
             hook_name_to_site(bad)
     assert site_to_hook_name("L7A") == "blocks.7.hook_attn_out"
@@ -340,7 +428,7 @@ def test_export_sae_lens_computes_the_same_function(tmp_path, activation, normal
     from safetensors.torch import load_file
 
     t = load_file(path / "sae_weights.safetensors")
-    assert cfg["meta"]["hook_name"] == "blocks.4.hook_resid_post" and cfg["d_in"] == D and cfg["d_sae"] == L
+    assert cfg["metadata"]["hook_name"] == "blocks.4.hook_resid_post" and cfg["d_in"] == D and cfg["d_sae"] == L
     assert t["W_enc"].shape == (D, L) and t["W_dec"].shape == (L, D)
     x = inputs(norm=9.0)
     feats, out = saelens_forward(cfg, t, x)

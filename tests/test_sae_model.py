@@ -370,8 +370,9 @@ def test_config_validation():
         SAEConfig(d_model=4, n_latents=8, architecture="relu", k=3)
     with pytest.raises(ValueError, match="architecture='gelu'"):
         SAEConfig(d_model=4, n_latents=8, architecture="gelu")
-    with pytest.raises(ValueError, match="transcoder"):
-        SAEConfig(d_model=4, n_latents=8, site="L3TC")
+    assert SAEConfig(d_model=4, n_latents=8, k=2, site="L3.mlp").site == "L3TC"  # a transcoder of block 3's MLP
+    assert SAEConfig(d_model=4, n_latents=8, k=2, site="L3TC").is_transcoder
+    assert not SAEConfig(d_model=4, n_latents=8, k=2, site="L3M").is_transcoder
     with pytest.raises(ValueError, match="cannot parse hook site"):
         SAEConfig(d_model=4, n_latents=8, site="layer three")
     assert SAEConfig(d_model=4, n_latents=8, k=2, site="L3.resid_post").site == "L3R"

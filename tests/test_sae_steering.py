@@ -205,3 +205,52 @@ def test_steering_with_and_without_kv_cache_gives_the_same_tokens(model):
     assert torch.equal(cached, uncached)
     assert torch.equal(cached[1], plain[1])
     assert not torch.equal(cached[0], plain[0]) or not torch.equal(cached[2], plain[2])
+
+
+# ----------------------------------------------------------------------------- transcoders (site L{L}TC)
+def test_transcoder_splice_replaces_the_mlp_and_steering_edits_its_output(model):
+    tc = make_sae("dataset", site="L0TC")
+    assert tc.cfg.is_transcoder
+    tokens = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(4))
+    block = model.layers[0]
+    with torch.no_grad():
+        model.set_hooks(["L0TC"], None)  # a transcoder site stores both ends of the MLP
+        model(tokens)
+        mlp_in, mlp_out = model.activations["L0MI"], model.activations["L0M"]
+        torch.testing.assert_close(block.feed_forward(mlp_in), mlp_out)
+        # Reconstruct: block 0's MLP output becomes the transcoder's prediction from its input.
+        model.set_hooks(["L0TC", "L0R"], sae_hooks(tc, model, mode="reconstruct"))
+        model(tokens)
+        resid_mid = model.activations["L0R"] - model.activations["L0M"]
+        spliced_out = model.activations["L0R"] - resid_mid
+        torch.testing.assert_close(spliced_out, tc.reconstruct(mlp_in), rtol=1e-5, atol=1e-5)
+        # Steer: the MLP still runs; its output moves by decode(h') - decode(h), h the code of mlp_in.
+        edits = [Edit(3, "add", 2.0, rows=(1,))]
+        fn = steer_fn(tc, edits)
+        assert fn.keeps_mlp
+        model.set_hooks(["L1RP"], sae_hooks(tc, model, edits=edits))
+        model(tokens)
+        steered_next = model.activations["L1RP"]
+        model.set_hooks(["L0RM", "L1RP"], None)
+        model(tokens)
+        clean_mid, clean_next = model.activations["L0RM"], model.activations["L1RP"]
+    model.set_hooks(None, None)
+    h = tc.encode(mlp_in)
+    he = h.clone()
+    he[1, :, 3] += 2.0
+    delta = tc.decode(he) - tc.decode(h)
+    torch.testing.assert_close(steered_next, clean_mid + mlp_out + delta, rtol=1e-5, atol=1e-5)
+    assert torch.equal(steered_next[0], clean_next[0])  # row 0 has no edit: bit for bit
+
+
+def test_transcoder_without_edits_leaves_the_mlp_alone(model):
+    tc = make_sae("none", site="L1TC")
+    tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        clean = model(tokens)
+        model.set_hooks(None, sae_hooks(tc, model))
+        try:
+            same = model(tokens)
+        finally:
+            model.set_hooks(None, None)
+    assert torch.equal(clean, same)
