@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "preprocess": ("capture.cli", "main_preprocess", "statistics and a global shuffle of an activation store"),
     "train": ("training.cli", "main_train", "train an SAE on an activation store (torchrun -m training for DDP)"),
     "eval": ("training.cli", "main_eval", "evaluate SAEs on held-out text: L0, EV, delta LM loss, fidelity"),
+    "inspect-sae": ("training.cli", "main_inspect",
+                    "what the loader understood about an SAE file (layout, site, normalisation, scales); L0 / EV"),
     "top-examples": ("interpret.cli", "main_top_examples", "top-activating documents of every latent, written beside the SAE"),
     "interpret": ("interpret.cli", "main_interpret", "label latents with Claude (Message Batches) or --heuristic"),
     "score": ("interpret.cli", "main_score", "detection-score the labels; summary table and histogram"),

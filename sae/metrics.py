@@ -117,10 +117,13 @@ class ReconstructionReport:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(sae: SparseAutoencoder, activations: Iterable[torch.Tensor] | torch.Tensor, *,
+def evaluate_reconstruction(sae: SparseAutoencoder, activations: Iterable[Any] | torch.Tensor, *,
                             dense_threshold: float = 0.1) -> ReconstructionReport:
-    """Stream batches [N, d_model] through the SAE; variance is accumulated in float64 in one pass."""
-    batches = [activations] if isinstance(activations, torch.Tensor) else activations
+    """Stream batches [N, d_model] through the SAE; variance is accumulated in float64 in one pass.
+
+    For a transcoder each batch is a pair (MLP input, MLP output), and MSE / explained variance / FVU are
+    of the predicted MLP output. A skip connection's term is part of the reconstruction."""
+    batches = [activations] if isinstance(activations, (torch.Tensor, tuple)) else activations
     d = sae.cfg.d_model
     device = sae.W_enc.device
     stats = LatentStats(sae.cfg.n_latents, device=device)
@@ -128,12 +131,21 @@ def evaluate_reconstruction(sae: SparseAutoencoder, activations: Iterable[torch.
     sum_x = torch.zeros(d, dtype=torch.float64, device=device)
     sum_x2 = 0.0
     active = 0.0
-    for x in batches:
+    for item in batches:
+        x, y = item if isinstance(item, tuple) else (item, None)
+        if sae.cfg.is_transcoder and y is None:
+            raise ValueError("a transcoder is evaluated on (MLP input, MLP output) pairs; its input alone says "
+                             "nothing about how well it predicts the output")
         x = sae._flat(x.to(device))
         xn, ns = sae._normalize(x)
         code = sae._code(xn)
         x_hat = sae.denormalize(sae._decode_n(code), ns)
+        skip = sae.skip(x)
+        if skip is not None:
+            x_hat = x_hat + skip
         stats.update(code)
+        if y is not None:
+            x = sae._flat(y.to(device))
         xd = x.double()
         err2 += float((x_hat.double() - xd).pow(2).sum())
         sum_x += xd.sum(0)

@@ -61,3 +61,30 @@ def main_eval(argv: list[str] | None = None, prog: str = "llama3-sae eval") -> i
         return 2
     print(format_report(report))
     return 0
+
+
+_INSPECT_EPILOG = """\
+examples:
+  llama3-sae inspect-sae downloads/Llama3_1-8B-Base-L15R-8x            # a Llama Scope release directory
+  llama3-sae inspect-sae saes/L8R --store acts/L8R                     # plus L0 / explained variance
+  llama3-sae inspect-sae Llama-3.1-8B-Instruct-SAE-l19.pth --site L19R  # Goodfire: name the site
+  llama3-sae inspect-sae saes/L6TC --store acts/L6MI --target-store acts/L6M   # a transcoder
+"""
+
+
+def main_inspect(argv: list[str] | None = None, prog: str = "llama3-sae inspect-sae") -> int:
+    from .inspect import InspectConfig, format_report, report_json, run_inspect
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):  # llama3-sae inspect-sae PATH [options]
+        argv = ["--sae", *argv]
+    try:
+        cfg = parse_config(InspectConfig, argv, prog, "Show what the loader understood about an SAE (layout, "
+                           "architecture, site, model, normalisation and its factors, threshold space, code scale) "
+                           "and, with --store, its L0 and explained variance on those activations.", _INSPECT_EPILOG)
+        report = run_inspect(cfg)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        return 2
+    print(report_json(report) if cfg.json else format_report(report))
+    return 0
