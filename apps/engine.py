@@ -18,8 +18,9 @@ import torch
 
 from llama3 import Llama
 from llama3.generation import Completion, Dialog
-from llama3.model import Site, site_name
+from llama3.model import Site
 from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
+from sae.config import input_site_of
 
 from .common import DTYPES, DTypeName, resolve_device
 from .latents import LatentCatalog
@@ -283,7 +284,7 @@ class Engine:
         full = [list(p) for p in prompt_tokens]
         done = [False] * B
         pos = min(len(p) for p in prompt_tokens) - 1  # the position the first forward's last column is at
-        key = site_name(self.site) if top_latents else None
+        key = input_site_of(self.site) if top_latents else None  # a transcoder reads its MLP input
         peak = None
         for step in self.llm.stream(prompt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                                     max_gen_len=sampling.max_new_tokens, seed=sampling.seed):

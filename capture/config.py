@@ -35,7 +35,8 @@ class _Data:
 class _CaptureTarget(_Data):
     sites: str
     """Comma-separated hook sites, e.g. L8R,L8A (R resid_post, A attn_out, M mlp_out, AI attn_in, MI mlp_in,
-    RM resid_mid, RP resid_pre). One store per site: OUT/L8R/, OUT/L8A/."""
+    RM resid_mid, RP resid_pre). One store per site: OUT/L8R/, OUT/L8A/. L8TC (a transcoder's pair) captures
+    L8MI and L8M, row for row: train one with --store OUT/L8MI --target-store OUT/L8M."""
     out: Path
     """Output directory; each site's store goes to OUT/<site>/. Rerunning the same command resumes."""
 
@@ -172,11 +173,11 @@ class CaptureConfig(SourceOptions, _CaptureTarget):
     def site_list(self) -> list[Site]:
         """The sites in the order given, without repeats."""
         names = [s.strip() for s in self.sites.split(",") if s.strip()]
-        sites = list(dict.fromkeys(parse_site(s) for s in names))
-        for s in sites:
-            if s.point == "mlp":
-                raise ValueError(f"{site_name(s)} is a transcoder pair; capture L{s.layer}MI and L{s.layer}M instead")
-        return sites
+        sites: list[Site] = []
+        for s in map(parse_site, names):
+            # A transcoder pair is both ends of the MLP, captured in one pass so their rows line up.
+            sites += [Site(s.layer, "mlp_in"), Site(s.layer, "mlp_out")] if s.point == "mlp" else [s]
+        return list(dict.fromkeys(sites))
 
     def identity(self) -> dict[str, Any]:
         """The options that decide what is captured (and in which shards). A resumed run must match them;

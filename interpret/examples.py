@@ -308,6 +308,13 @@ class _Loaded:
     bos: bool = False
     skip_first: bool = True
 
+    @property
+    def key(self) -> str:
+        """The activation the SAE encodes (a transcoder's MLP input)."""
+        from sae.config import input_site_of
+
+        return input_site_of(self.site)
+
 
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -342,6 +349,9 @@ def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
                          f"{model.params.dim}: this SAE belongs to another model ({sae.cfg.model_name or 'unnamed'})")
     if cfg.max_tokens > model.rope_cos.shape[0]:
         raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
+    from sae import bind_to_model
+
+    bind_to_model(sae, model)  # SAEs trained on TransformerLens's normalised inputs take the model's norm weight
     sae.eval()
     return _Loaded(model, sae, tokenizer, chat_format_for(tokenizer), site, device, bos=bos,
                    skip_first=sae.cfg.first_token_excluded is not False)
@@ -594,7 +604,7 @@ def _scan(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, 
         task = bar.add_task("scan", total=_total_docs(cfg), completed=state["docs_done"], rate="")
         for window in _windows(cfg, state["docs_done"]):
             for tokens, keep, doc_ids, _ in _batches(window, cfg, lo, counters):
-                acts = lo.model.forward_activations(tokens.to(lo.device))[lo.site]  # [B, T, d]
+                acts = lo.model.forward_activations(tokens.to(lo.device))[lo.key]  # [B, T, d]
                 keep = keep.to(lo.device)
                 doc_ids = doc_ids.to(lo.device)
                 for g0, g1, x, tok_doc, _, tok_last in _groups(acts, keep, agg.docs_per_group):
@@ -663,7 +673,7 @@ def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables
             ids_w = np.array([d.doc_id for d in window], dtype=np.int64)
             chosen = [d for d, keep in zip(window, np.isin(ids_w, wanted)) if keep]
             for tokens, keep, doc_ids, docs in _batches(chosen, cfg, lo, counters):
-                acts = lo.model.forward_activations(tokens.to(lo.device))[lo.site]
+                acts = lo.model.forward_activations(tokens.to(lo.device))[lo.key]
                 keep = keep.to(lo.device)
                 for g0, g1, x, tok_doc, tok_pos, _ in _groups(acts, keep, agg.docs_per_group):
                     G = g1 - g0

@@ -111,6 +111,16 @@ class SAEConfig:
         return self.site is not None and self.site.endswith("TC")
 
     @property
+    def input_site(self) -> str | None:
+        """The stored activation the SAE encodes: its site, or for a transcoder L{L}MI (the MLP input)."""
+        return None if self.site is None else input_site_of(self.site)
+
+    @property
+    def output_site(self) -> str | None:
+        """The activation the SAE reconstructs: its site, or for a transcoder L{L}M (the MLP output)."""
+        return self.site[:-2] + "M" if self.is_transcoder else self.site
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
@@ -150,6 +160,13 @@ def canonical_site(site: Any) -> str:
     from llama3.model import parse_site, site_name
 
     return site_name(parse_site(site))
+
+
+def input_site_of(site: Any) -> str:
+    """The stored activation an SAE at ``site`` encodes (the key in ``model.activations``): the site itself,
+    or for a transcoder site L{L}TC its MLP input, L{L}MI."""
+    name = canonical_site(site)
+    return name[:-2] + "MI" if name.endswith("TC") else name
 
 
 def resolve_bos(override: bool | None, cfg: SAEConfig | None, tokenizer: Any) -> tuple[bool, str | None]:

@@ -1,18 +1,16 @@
-"""``load_sae``: this project's format or a published SAE (SAELens, Llama Scope, sparsify, Goodfire), into
-one ``SparseAutoencoder``; ``export_sae_lens`` writes ours in SAELens's layout.
+"""``load_sae``: this project's format or a published SAE (SAELens, Llama Scope's release layout and
+llamascopium's, sparsify, Goodfire), into one ``SparseAutoencoder``; ``export_sae_lens`` writes ours in
+SAELens's layout.
 
 Each foreign layout is converted once, at load time, into our parameters so that ``encode``/``decode``
-compute what the original library computes:
+compute what the original library computes, and ``encode`` returns that library's codes. Each loader's
+docstring gives its library's math; ``tests/test_interop.py`` checks them against the libraries themselves
+(the release layout against lm-saes 1.x's math, written out in ``tests/test_sae_loaders.py``).
 
-* SAELens (``cfg.json`` + ``sae_weights.safetensors``): pre = (x - b_dec [if apply_b_dec_to_input]) @ W_enc
-  + b_enc, W_enc [d_in, d_sae], W_dec [d_sae, d_in]; architectures standard (relu), topk, jumprelu.
-* Llama Scope / lm-saes (``hyperparams.json`` + ``checkpoints/final.safetensors``): x is scaled by
-  sqrt(d_model) / dataset_average_activation_norm["in"], pre = encoder(x) (minus decoder.bias only if
-  apply_decoder_bias_to_pre_encoder), JumpReLU with a scalar ``jump_relu_threshold`` on pre, and the
-  decoder output scaled back by dataset_average_activation_norm["out"] / sqrt(d_model).
-* sparsify (``cfg.json`` + ``sae.safetensors``): pre = relu(encoder(x - b_dec)), TopK, x_hat = top_acts @
-  W_dec + b_dec with encoder.weight and W_dec both [num_latents, d_in]. The hookpoint is the directory name.
-* Goodfire (a ``.pt``/``.pth`` state dict): h = relu(encoder_linear(x)), x_hat = decoder_linear(h).
+Hook names: TransformerLens's (``blocks.L.hook_resid_post``; SAELens, Llama Scope) and Hugging Face module
+names (``layers.L.mlp``; sparsify) map to sites. TransformerLens's ``ln1/ln2.hook_normalized`` come before
+the RMSNorm weight and ours after it: such SAEs carry ``source["input_before_norm_weight"]`` until
+``sae.steering.bind_to_model`` folds the model's weight into them.
 """
 
 from __future__ import annotations
@@ -111,8 +109,8 @@ def detect_format(path: str | Path) -> str:
     torch_files = sorted(f for f in p.iterdir() if f.suffix in _TORCH_SUFFIXES)
     if len(torch_files) == 1:
         return "goodfire"
-    subdirs = sorted(d.name for d in p.iterdir() if d.is_dir() and ((d / "cfg.json").is_file()
-                                                                     or (d / LLAMA_SCOPE_CFG).is_file()))
+    subdirs = sorted(d.name for d in p.iterdir() if d.is_dir() and any(
+        (d / name).is_file() for name in ("cfg.json", LLAMA_SCOPE_CFG, LLAMASCOPIUM_CFG)))
     hint = f"; it holds SAEs in {subdirs[:8]}{'...' if len(subdirs) > 8 else ''}: pass one of those" if subdirs else ""
     found = sorted(f.name for f in p.iterdir())[:12]
     raise ValueError(f"{p}: no known SAE layout (files: {found}){hint}. Expected config.json + sae.safetensors "

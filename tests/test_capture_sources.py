@@ -80,8 +80,9 @@ def test_user_errors(tmp_path):
         SourceConfig(data=(tmp_path,), chat=True, split_sentences=True)
     with pytest.raises(ValueError, match="--tokens-per-batch .* must be at least --max-tokens"):
         CaptureConfig(ckpt_dir=tmp_path, data=(tmp_path,), sites="L1R", out=tmp_path, tokens_per_batch=100)
-    with pytest.raises(ValueError, match="transcoder pair"):
-        CaptureConfig(ckpt_dir=tmp_path, data=(tmp_path,), sites="L1TC", out=tmp_path)
+    # A transcoder pair is both ends of the MLP, once each.
+    pair = CaptureConfig(ckpt_dir=tmp_path, data=(tmp_path,), sites="L1TC,L1M,L0R", out=tmp_path).site_list
+    assert [str(s) for s in pair] == ["L1MI", "L1M", "L0R"]
 
 
 def test_chat_records_are_validated(tmp_path):

@@ -183,6 +183,32 @@ def test_our_export_is_read_by_sae_lens_with_the_same_numbers_and_names(tmp_path
             assert_same(back.encode(x), f, back.reconstruct(x), rec)
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_our_transcoder_export_is_a_sae_lens_transcoder(tmp_path, skip):
+    sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=N, architecture="jumprelu", k=None, site="L2TC",
+                                      normalization="dataset", apply_b_pre_to_input=False, skip_connection=skip,
+                                      model_name="tiny-llama"), seed=2)
+    perturb(sae, seed=12, scale=0.25)
+    with torch.no_grad():
+        uneven_decoder_(sae.W_dec, 22, dim=0)
+        sae.threshold.copy_(randn(N, seed=32).abs() * 0.2)
+    sae.set_dataset_norm(11.0, 4.0)
+    with pytest.raises(ValueError, match="hook_name_out"):
+        export_sae_lens(sae, tmp_path / "x")
+    out = export_sae_lens(sae, tmp_path / "tc", hook_name="blocks.2.hook_mlp_in_after_norm",
+                          hook_name_out="blocks.2.hook_mlp_out")
+    lib = sae_lens.SAE.load_from_disk(str(out))
+    assert type(lib).__name__ == ("JumpReLUSkipTranscoder" if skip else "JumpReLUTranscoder")
+    assert lib.cfg.metadata.hook_name_out == "blocks.2.hook_mlp_out"
+    x = inputs(norm=11.0)
+    f, y = _saelens_outputs(lib, x, transcoder=True)
+    with torch.no_grad():
+        assert_same(sae.encode(x), f, sae.reconstruct(x), y)
+        back = load_sae(out)
+        assert back.cfg.site == "L2TC" and "input_before_norm_weight" not in back.cfg.source
+        assert_same(back.encode(x), f, back.reconstruct(x), y)
+
+
 # ============================================================================ sparsify
 sparsify = pytest.importorskip("sparsify", reason="the interop extra (pip install -e '.[interop]')")
 

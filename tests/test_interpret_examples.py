@@ -350,3 +350,29 @@ def test_a_read_only_output_is_one_line_and_the_run_finishes_once_writable(ckpt,
         remount(disk, "rw")
         assert main(["top-examples", *argv]) == 0
         assert json.loads((sae / "top_examples.json").read_text())["complete"]
+
+
+def test_a_transcoder_is_credited_with_its_mlp_input(ckpt, tmp_path):
+    from capture.config import SourceConfig
+    from capture.sources import iter_documents
+    from llama3.checkpoint import load_model
+    from llama3.tokenizer import Tokenizer
+    from sae import SAEConfig, SparseAutoencoder
+
+    tc = SparseAutoencoder(SAEConfig(d_model=64, n_latents=64, k=4, site="L1TC", prepend_bos=False,
+                                     first_token_excluded=False, apply_b_pre_to_input=False), seed=2)
+    tc.save(tmp_path / "tc")
+    run_top_examples(_cfg(ckpt, tmp_path / "tc", tmp_path / "out", limit=24))
+    recs = {r.latent: r for r in iter_examples(tmp_path / "out")}
+    tok = Tokenizer(LLAMA3_TOKENIZER_PATH)
+    model = load_model(ckpt, dtype=torch.float32, store_layer_activ=["L1TC"])
+    best: dict[int, float] = {}
+    with torch.inference_mode():
+        for d in iter_documents(SourceConfig(data=(SENTENCES,), limit=24)):
+            ids = tok.encode(d.text, bos=False, eos=False)[:192]
+            h = tc.encode(model.forward_activations(torch.tensor([ids]))["L1MI"][0])  # the MLP input
+            for lat, v in enumerate(h.max(0).values.tolist()):
+                best[lat] = max(best.get(lat, 0.0), v)
+    assert sum(v > 0 for v in best.values()) > 10
+    for lat, rec in recs.items():
+        assert rec.stats["max"] == pytest.approx(best[lat], rel=1e-5, abs=1e-7)

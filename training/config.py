@@ -35,6 +35,10 @@ class TrainConfig:
     out: Path
     """Output directory: the trained SAE (config.json + sae.safetensors), train_config.json,
     metrics.jsonl, metrics_summary.json, plots and checkpoints/. Re-running the same command resumes."""
+    target_store: Path | None = None
+    """Train a transcoder: --store holds block L's MLP input (L{L}MI) and this store its MLP output (L{L}M),
+    captured in the same run (capture --sites L{L}TC) and, if shuffled, preprocessed with the same --seed.
+    The SAE then predicts the MLP output (site L{L}TC); its metrics are of that prediction."""
 
     # ------------------------------------------------------------------ the SAE
     n_latents: int = 65536
@@ -144,6 +148,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.store, self.out = Path(self.store), Path(self.out)
+        if self.target_store is not None:
+            self.target_store = Path(self.target_store)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         problems: list[str] = []
 
@@ -195,6 +201,12 @@ class TrainConfig:
                                 f"{self.model_parallel} (each rank holds an equal slice of the latents)")
             if self.architecture != "topk":
                 problems.append("--model-parallel > 1 supports --architecture topk only")
+        if self.target_store is not None:
+            if self.model_parallel > 1:
+                problems.append("--target-store (a transcoder) trains with data parallelism only; drop --model-parallel")
+            if self.normalization == "per_token":
+                problems.append("--target-store (a transcoder) needs --normalization dataset or none: per-token "
+                                "statistics of the MLP input say nothing about the scale of its output")
         if self.resume and self.overwrite:
             problems.append("--overwrite starts over; it cannot be combined with --resume (pass --no-resume)")
         if problems:

@@ -86,7 +86,10 @@ class StoreRows:
     ``offsets[s] + i``.
     """
 
-    def __init__(self, path: str | Path, *, val_fraction: float, val_max_rows: int, seed: int):
+    def __init__(self, path: str | Path, *, val_fraction: float, val_max_rows: int, seed: int,
+                 target: str | Path | None = None):
+        """target: a second store holding, row for row, what to predict from this one (a transcoder's MLP
+        output); it shares the held-out split, and ``gather_target`` reads it."""
         self.store = ActivationStore(path)
         self.path = self.store.path
         manifest = self.store.manifest
@@ -120,6 +123,40 @@ class StoreRows:
                 self._shard_map(s)
         self.store.verify()  # once per shard version: the hashes are recorded in the store
         self._np_dtype = next(iter(self._maps.values())).dtype
+        self.target: StoreRows | None = None
+        if target is not None:
+            self.target = StoreRows(target, val_fraction=val_fraction, val_max_rows=val_max_rows, seed=seed)
+            self._check_aligned(self.target)
+            self.fingerprint = hashlib.sha256((self.fingerprint + self.target.fingerprint).encode()).hexdigest()
+
+    def _check_aligned(self, other: "StoreRows") -> None:
+        """Row i of both stores must be the same token: same shard sizes, tokens, documents and positions."""
+        from safetensors import safe_open
+
+        if other.d_model != self.d_model or list(other.offsets) != list(self.offsets):
+            raise ValueError(f"{other.path} does not hold the rows of {self.path} ({other.num_rows:,} rows in "
+                             f"{len(other.offsets) - 1} shards vs {self.num_rows:,} in {len(self.offsets) - 1}); "
+                             "capture both sites in one run (--sites L{L}TC) and preprocess both with the same --seed")
+        for s in range(len(self.offsets) - 1):
+            cols = []
+            for rows in (self, other):
+                with safe_open(str(rows.store.shard_path(s)), framework="pt") as f:
+                    cols.append([f.get_tensor(c) for c in ("tokens", "doc_ids", "positions")])
+            if not all(torch.equal(a, b) for a, b in zip(*cols)):
+                raise ValueError(f"{other.store.shard_path(s)} holds other tokens than {self.store.shard_path(s)}: the "
+                                 "stores' rows do not line up; capture both sites in one run and preprocess both with "
+                                 "the same --seed")
+
+    def gather_target(self, ids: np.ndarray) -> torch.Tensor:
+        """The target store's rows ``ids`` (see ``target``)."""
+        if self.target is None:
+            raise ValueError("this store has no target store")
+        return self.target.gather(ids)
+
+    def pair(self, ids: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``ids`` as float32, with the target's rows when there is a target store."""
+        x = self.gather(ids).float()
+        return x if self.target is None else (x, self.gather_target(ids).float())
 
     def _shard_map(self, s: int) -> np.memmap:
         m = self._maps.get(s)
@@ -231,19 +268,22 @@ class TrainStream:
     def batch_ids(self, step: int) -> np.ndarray:
         return self.stream_ids(step * self.global_batch + self.dp_rank * self.batch_size, self.batch_size)
 
-    def batch(self, step: int) -> torch.Tensor:
-        return self.rows.gather(self.batch_ids(step)).float()
+    def batch(self, step: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows for ``step`` (float32); with a target store, (input, target)."""
+        return self.rows.pair(self.batch_ids(step))
 
     def epoch_of(self, step: int) -> float:
         """Epochs completed (fractional) after ``step`` optimizer steps."""
         return step * self.global_batch / self.epoch_rows
 
 
-def val_batches(rows: StoreRows, batch_size: int, part: int = 0, n_parts: int = 1) -> Iterator[torch.Tensor]:
-    """This data-parallel rank's share of the held-out rows, ``batch_size`` at a time (float32)."""
+def val_batches(rows: StoreRows, batch_size: int, part: int = 0, n_parts: int = 1
+                ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """This data-parallel rank's share of the held-out rows, ``batch_size`` at a time (float32); with a
+    target store, (input, target) pairs."""
     ids = rows.val_ids[part::n_parts]
     for i in range(0, len(ids), batch_size):
-        yield rows.gather(ids[i:i + batch_size]).float()
+        yield rows.pair(ids[i:i + batch_size])
 
 
 T = TypeVar("T")

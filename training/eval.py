@@ -104,13 +104,17 @@ class _Recon:
         self.n = 0
         self.fires = torch.zeros(n_latents, dtype=torch.int64, device=device)
 
-    def update(self, sae: Any, x: torch.Tensor) -> None:
+    def update(self, sae: Any, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """x: the SAE's input rows; target: what it reconstructs (a transcoder's MLP output), default x."""
         x = x.float()
         code = sae.encode(x, sparse=True)
         x_hat = sae.decode(code, stats=sae.norm_stats(x))
+        skip = sae.skip(x)
+        if skip is not None:
+            x_hat = x_hat + skip
         on = code.values > 0
         self.fires += torch.bincount(code.indices[on], minlength=self.fires.numel())
-        xd = x.double()
+        xd = (x if target is None else target.float()).double()
         self.err2 += float((x_hat.double() - xd).pow(2).sum())
         self.sum_x += xd.sum(0)
         self.sum_x2 += float(xd.pow(2).sum())
@@ -200,7 +204,8 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
             acts = dict(model.activations)
             for i, sae in enumerate(saes):
                 rows_kept = recon_keep if sae.cfg.first_token_excluded is not False else keep
-                recon[i].update(sae, acts[sites[i]][rows_kept])
+                target = acts[sae.cfg.output_site][rows_kept] if sae.cfg.is_transcoder else None
+                recon[i].update(sae, acts[sae.cfg.input_site][rows_kept], target)
                 for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
                     model.set_hooks((), sae_hooks(sae, model, mode=mode))
                     _add(ce[key], _ce_sum(model(tokens), tokens, keep))

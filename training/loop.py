@@ -85,8 +85,9 @@ class SAEObjective(nn.Module):
         super().__init__()
         self.sae, self.k_aux, self.aux_coeff = sae, k_aux, aux_coeff
 
-    def forward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        out = self.sae(x, k=k, dead_mask=dead_mask, k_aux=self.k_aux, aux_coeff=self.aux_coeff)
+    def forward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
+                target: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        out = self.sae(x, target=target, k=k, dead_mask=dead_mask, k_aux=self.k_aux, aux_coeff=self.aux_coeff)
         l0 = (out.code.values > 0).sum(-1).float().mean()
         return out.loss, out.mse.detach(), out.aux_loss.detach(), out.fired, out.x_hat.detach(), l0
 
@@ -121,14 +122,18 @@ class Trainer:
         self.console = console or Console(stderr=True, quiet=not ctx.is_main, soft_wrap=True)
         self.device = ctx.device
         self.out = Path(cfg.out)
-        self.rows = StoreRows(cfg.store, val_fraction=cfg.val_fraction, val_max_rows=cfg.val_max_rows, seed=cfg.seed)
+        self.rows = StoreRows(cfg.store, val_fraction=cfg.val_fraction, val_max_rows=cfg.val_max_rows, seed=cfg.seed,
+                              target=cfg.target_store)
+        site = self.rows.site if self.rows.target is None else transcoder_site(self.rows.site, self.rows.target.site)
         self.stream = TrainStream(self.rows, batch_size=cfg.batch_size, data_parallel=ctx.data_parallel,
                                   dp_rank=ctx.dp_rank, shuffle_window=cfg.shuffle_window, seed=cfg.seed)
         self.total_steps = cfg.total_steps(self.rows.num_train_rows, ctx.data_parallel)
         self.k_schedule = KSchedule(k=cfg.k, k_start=cfg.k_anneal_start or cfg.k, anneal_steps=cfg.k_anneal_steps,
                                     shape=cfg.k_anneal_shape)
         self.sae_cfg = SAEConfig(d_model=self.rows.d_model, n_latents=cfg.n_latents, architecture=cfg.architecture,
-                                 k=cfg.k, normalization=cfg.normalization, site=self.rows.site,
+                                 k=cfg.k, normalization=cfg.normalization, site=site,
+                                 # A transcoder's b_pre is the output's mean: it has no business on the input.
+                                 apply_b_pre_to_input=self.rows.target is None,
                                  model_name=self.rows.model_name, prepend_bos=self.rows.bos,
                                  first_token_excluded=self.rows.first_token_excluded,
                                  source={"trained_by": "llama3-sae train", "store": str(self.rows.path)})
@@ -178,9 +183,10 @@ class Trainer:
         """This rank's tensors of the parameters (the whole parameter here; a slice when sharded)."""
         return [(n, p.data) for n, p in self.named_parameters()]
 
-    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None) -> StepOutput:
+    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
+                         target: torch.Tensor | None = None) -> StepOutput:
         with self.autocast():
-            loss, mse, aux, fired, x_hat, l0 = self.model(x, k, dead_mask)
+            loss, mse, aux, fired, x_hat, l0 = self.model(x, k, dead_mask, target)
         loss.backward()  # under DDP the gradients are averaged over ranks when this returns
         return StepOutput(loss.detach(), mse, aux, fired, x_hat, l0)
 
@@ -222,11 +228,12 @@ class Trainer:
         return self.tracker.dead_mask if self.use_aux else None
 
     @torch.no_grad()
-    def eval_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def eval_batch(self, x: torch.Tensor, target: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_hat [B, d], active latents in the batch, firing counts of this rank's latents, normalised MSE)."""
         self.sae.eval()  # BatchTopK uses its inference threshold
         try:
-            out = self.sae(x)
+            out = self.sae(x, target=target)
         finally:
             self.sae.train()
         on = out.code.values > 0
@@ -275,11 +282,17 @@ class Trainer:
                              "first (training takes b_pre and the input normalisation from them), or train with "
                              "--normalization per_token")
         mean = stats["mean"].double()
+        out_stats = stats
+        if self.rows.target is not None:  # a transcoder: b_pre and the output scale come from the MLP output
+            out_stats = self.rows.target.stats
+            if out_stats is None:
+                raise ValueError(f"{self.rows.target.path} has no statistics; run `llama3-sae preprocess --store "
+                                 f"{self.rows.target.path}` first")
+            mean = out_stats["mean"].double()
         if cfg.normalization == "dataset":
-            mean_norm = float(stats["mean_norm"][0])
-            sae.set_dataset_norm(mean_norm)
-            # b_pre lives in the normalised space: the mean of x * scale (no shift) is mean * scale.
-            mean = mean * float(sae.norm_in_scale)
+            sae.set_dataset_norm(float(stats["mean_norm"][0]), float(out_stats["mean_norm"][0]))
+            # b_pre lives in the normalised (output) space: the mean of y * scale (no shift) is mean * scale.
+            mean = mean * float(sae.norm_out_scale)
         with torch.no_grad():
             sae.b_pre.copy_(mean.to(sae.b_pre.dtype))
 
@@ -289,11 +302,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ================================================================== one step
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch``: rows, or (input, target) rows for a transcoder."""
+        x, y = batch if isinstance(batch, tuple) else (batch, None)
         k = self.k_schedule(self.step)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward_backward(x, k, self.dead_mask())
+        out = self.forward_backward(x, k, self.dead_mask()) if y is None else \
+            self.forward_backward(x, k, self.dead_mask(), y)
         self.project_decoder_grad_()
         grad_norm = self.clip_grad_norm_()
         self.optimizer.step()
@@ -305,7 +321,7 @@ class Trainer:
             for name, t in self.local_params():
                 self.ema[name].lerp_(t, 1 - self.cfg.ema_decay)
         self.step += 1
-        xf = x.float()
+        xf = (x if y is None else y).float()
         ev = 1 - (out.x_hat.float() - xf).pow(2).sum() / (xf - xf.mean(0)).pow(2).sum().clamp_min(1e-30)
         return {"loss": out.loss.float(), "mse": out.mse.float(), "aux_loss": out.aux_loss.float(),
                 "l0": out.l0.float(), "explained_variance": ev.float(), "grad_norm": grad_norm.detach().float(),
@@ -322,11 +338,13 @@ class Trainer:
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         sum_x = torch.zeros(d, dtype=torch.float64, device=self.device)
         counts = None
-        for x in val_batches(self.rows, self.cfg.batch_size, self.ctx.dp_rank, self.ctx.data_parallel):
+        for batch in val_batches(self.rows, self.cfg.batch_size, self.ctx.dp_rank, self.ctx.data_parallel):
+            x, y = batch if isinstance(batch, tuple) else (batch, None)
             x = x.to(self.device)
+            y = None if y is None else y.to(self.device)
             with self.autocast():
-                x_hat, active, c, mse_n = self.eval_batch(x)
-            xd = x.double()
+                x_hat, active, c, mse_n = self.eval_batch(x) if y is None else self.eval_batch(x, y)
+            xd = (x if y is None else y).double()  # what was reconstructed: a transcoder's MLP output
             n_rows = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)
             sums += torch.stack([(x_hat.double() - xd).pow(2).sum(), xd.pow(2).sum(), active.double(), n_rows,
                                  mse_n.double() * x.numel()])
@@ -509,6 +527,9 @@ class Trainer:
         c = self.console
         c.print(f"[bold]llama3-sae train[/bold]: {rows.path} ({rows.num_rows:,} rows, d_model {rows.d_model}, site "
                 f"{rows.site}); {rows.num_train_rows:,} training rows, {len(rows.val_ids):,} held out", highlight=False)
+        if rows.target is not None:
+            c.print(f"transcoder {self.sae_cfg.site}: predicts {rows.target.path} ({rows.target.site}) from it, row for "
+                    "row", highlight=False)
         layout = f"{ctx.world} process(es)" + (f" = {ctx.data_parallel} data x {ctx.model_parallel} model parallel"
                                                if ctx.world > 1 else "")
         c.print(f"SAE {cfg.architecture} n_latents {cfg.n_latents:,} k {cfg.k}; {self.total_steps:,} steps of "
@@ -535,8 +556,12 @@ class Trainer:
         try:
             with display:
                 while self.step < self.total_steps:
-                    x = prefetch.get(self.step).to(self.device, non_blocking=True)
-                    metrics = self.train_step(x)
+                    batch = prefetch.get(self.step)
+                    if isinstance(batch, tuple):
+                        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+                    else:
+                        batch = batch.to(self.device, non_blocking=True)
+                    metrics = self.train_step(batch)
                     if not self.ctx.distributed and not bool(torch.isfinite(metrics["loss"])):
                         raise NonFiniteError(self._non_finite_message(self.step, "loss"))
                     for key, v in metrics.items():
@@ -665,6 +690,19 @@ class Trainer:
         self.console.print(f"saved the JumpReLU conversion to {path}: val L0 {report.l0:.1f}, explained variance "
                            f"{report.explained_variance:.4f}", highlight=False)
         return out
+
+
+def transcoder_site(input_site: str, target_site: str) -> str:
+    """The site of a transcoder trained from a store at ``input_site`` to one at ``target_site``: L{L}TC,
+    which only block L's MLP input -> its output can be."""
+    from llama3.model import parse_site
+
+    a, b = parse_site(input_site), parse_site(target_site)
+    if a.point != "mlp_in" or b.point != "mlp_out" or a.layer != b.layer:
+        raise ValueError(f"a transcoder predicts block L's MLP output from its input: --store must be an L{{L}}MI store "
+                         f"and --target-store the L{{L}}M store of the same layer, got {input_site} -> {target_site} "
+                         "(capture --sites L{L}TC writes both)")
+    return f"L{a.layer}TC"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
