@@ -19,7 +19,7 @@ from rich.markup import escape
 from llama3.generation import Message
 from sae import Edit
 
-from .config import add_dataclass_args, from_namespace
+from llama3_sae.config import add_dataclass_args, from_namespace
 from .engine import Engine, ModelOptions, SaeOptions, Sampling, SamplingOptions
 from .terminal import StreamView, describe_edit, make_console
 

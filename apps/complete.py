@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from .config import add_dataclass_args, from_namespace
+from llama3_sae.config import add_dataclass_args, from_namespace
 from .engine import Engine, ModelOptions, SaeOptions, Sampling, SamplingOptions
 from .terminal import StreamView, describe_edit, make_console
 

@@ -32,7 +32,7 @@ from typing import Any
 from llama3_sae.files import sha256_file
 from llama3_sae.paths import cache_root
 
-from .config import add_dataclass_args, from_namespace
+from llama3_sae.config import add_dataclass_args, from_namespace
 from .demo_metrics import (LatentPurity, distinctive_words, mean_logprob, read_topics, topic_purity,
                            topic_word_rate)
 

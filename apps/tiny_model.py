@@ -25,7 +25,7 @@ from llama3 import ModelArgs, Transformer
 from llama3.model import init_random_weights
 from llama3_sae.paths import cache_root
 
-from .config import add_dataclass_args, from_namespace
+from llama3_sae.config import add_dataclass_args, from_namespace
 
 TINY_PRESET = "tiny"
 TINY_SEED = 0

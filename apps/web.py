@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from sae import Edit
 
-from .config import add_dataclass_args, from_namespace
+from llama3_sae.config import add_dataclass_args, from_namespace
 from .engine import Engine, EngineStep, ModelOptions, Sampling, check_sampling
 from .latents import UNLABELLED
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llama3_sae.files import atomic_write_json
 from llama3.chat_template import chat_format_for
 from llama3.checkpoint import check_vocab, checkpoint_name, load_model, load_tokenizer, read_model_args, resolve_checkpoint
 from llama3.model import Transformer, site_name
@@ -41,7 +42,7 @@ from llama3.model import Transformer, site_name
 from .batching import EncodedDoc, collate, encode_window, plan_batches
 from .config import DTYPES, CaptureConfig
 from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files
-from .store import (DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, WriterSpec, atomic_write_json, new_progress,
+from .store import (DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, WriterSpec, new_progress,
                     read_manifest, shard_name, write_manifest, writer_main)
 
 STATE_DIR = ".capture"

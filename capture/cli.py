@@ -7,7 +7,7 @@ import os
 import sys
 
 from llama3_sae.errors import USER_ERRORS, describe
-from apps.config import parse_config
+from llama3_sae.config import parse_config
 
 from .config import CaptureConfig, PreprocessConfig
 

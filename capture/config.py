@@ -1,6 +1,6 @@
 """Typed configs of the capture and preprocess stages: one dataclass each, a docstring per field.
 
-``apps.config.add_dataclass_args`` turns them into command-line options (``--help`` text = the field
+``llama3_sae.config.add_dataclass_args`` turns them into command-line options (``--help`` text = the field
 docstrings) and the same objects are saved beside the outputs, so options, help and saved run configs
 never disagree.
 """
@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import torch
 
-from apps.config import config_identity
+from llama3_sae.config import config_identity
 
-from llama3.model import Site, parse_site, site_name
+from llama3.model import Site, parse_site
 
 DTypeName = Literal["bf16", "fp16", "fp32"]
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -28,8 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from llama3_sae.errors import naming
-from llama3_sae.files import HashIndex, sha256_file
+from llama3_sae.files import HashIndex, atomic_path, atomic_write_json, fsync_dir, sha256_file
 from llama3_sae.tensorfile import save_safetensors
 from safetensors.torch import load as st_load
 
@@ -58,51 +57,13 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- atomic files
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with naming(path), open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no stray temporary file behind
-        raise
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Write a safetensors file atomically; return its sha256."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    # A fixed header order: identical shards have identical bytes and sha256, so stores compare by hash.
-    save_safetensors(tensors, tmp, metadata, fsync=False)
-    digest = sha256_file(tmp, fsync=True)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with atomic_path(path, fsync=False) as tmp:
+        # A fixed header order: identical shards have identical bytes and sha256, so stores compare by hash.
+        save_safetensors(tensors, tmp, metadata, fsync=False)
+        digest = sha256_file(tmp, fsync=True)  # one read both hashes and flushes it
+    fsync_dir(Path(path).parent)
     return digest
 
 

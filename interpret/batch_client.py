@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llama3_sae.errors import naming
+from llama3_sae.files import atomic_write_json
 
 STATE_FORMAT = "llama3-sae-interpret-state"
 STATE_VERSION = 1
@@ -170,16 +171,6 @@ def _usage(usage: Any) -> dict[str, int]:
     return {k: int(v) for k, v in usage.items() if k in ("input_tokens", "output_tokens") and isinstance(v, int)}
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with naming(path), open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 class ResultsLog:
     """The append-only ``{kind}.results.jsonl``; each line is flushed and fsynced as it is written."""
 
@@ -315,7 +306,7 @@ class JobRunner:
         return state
 
     def _save(self) -> None:
-        _atomic_write_json(self.state_path, self.state)
+        atomic_write_json(self.state_path, self.state)
 
     @property
     def generation(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from llama3_sae.errors import USER_ERRORS, describe
-from apps.config import add_dataclass_args, from_namespace, save_config
+from llama3_sae.config import add_dataclass_args, from_namespace, save_config
 
 from .batch_client import ResultsStreamError
 from .config import InterpretConfig, ScoreConfig

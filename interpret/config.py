@@ -1,6 +1,6 @@
 """Typed configs of the interpretation commands: one dataclass each, a docstring per field.
 
-``apps.config.add_dataclass_args`` turns them into command-line options (``--help`` text = the field
+``llama3_sae.config.add_dataclass_args`` turns them into command-line options (``--help`` text = the field
 docstrings); each run saves its config beside its outputs.
 """
 

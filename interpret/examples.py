@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,8 +45,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from apps.config import config_identity
 from capture.config import SourceOptions
+from llama3_sae.config import config_identity, save_config, to_jsonable
+from llama3_sae.files import atomic_path, atomic_write_json
+from llama3_sae.sites import site_name
 
 from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
                       LatentExamples)
@@ -328,7 +329,6 @@ def _resolve_device(name: str) -> torch.device:
 def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
     from llama3.chat_template import chat_format_for
     from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
-    from llama3.model import site_name
     from sae import load_sae
     from sae.config import resolve_bos
 
@@ -409,16 +409,11 @@ class WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         n = int(state.get("saves", 0)) + 1
         name = f"tables-{n:06d}.safetensors"
-        tmp = self.path / (name + ".tmp")
-        save_file(tables.cpu(), str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, self.path / name)
+        with atomic_path(self.path / name) as tmp:
+            save_file(tables.cpu(), str(tmp))
         old = state.get("tables")
         state.update(saves=n, tables=name)
-        tmpj = self.path / (STATE + ".tmp")
-        tmpj.write_text(json.dumps(state, indent=1))
-        _fsync(tmpj)
-        os.replace(tmpj, self.state_path)  # the commit point: tables and parts named here are complete
+        atomic_write_json(self.state_path, state)  # the commit point: tables and parts named here are complete
         if old and old != name:
             (self.path / old).unlink(missing_ok=True)
 
@@ -431,10 +426,8 @@ class WorkDir:
         from safetensors.numpy import save_file
 
         name = f"part-{n:06d}.safetensors"
-        tmp = self.path / (name + ".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, self.path / name)
+        with atomic_path(self.path / name) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         return name
 
     def read_part(self, name: str) -> dict[str, np.ndarray]:
@@ -447,11 +440,6 @@ class WorkDir:
         for f in self.path.iterdir():
             if f.name not in keep:
                 f.unlink()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------- selection
@@ -515,7 +503,6 @@ def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
     """Run (or resume) both passes and write the output files; returns the path of top_examples.jsonl."""
     from rich.console import Console
 
-    from apps.config import save_config
 
     console = console or Console(stderr=True)
     out_dir = cfg.out_dir
@@ -757,8 +744,8 @@ def _write_output(cfg: TopExamplesConfig, lo: _Loaded, tables: dict[str, torch.T
     n_docs, n_tokens = int(counters.get("docs", 0)), int(counters.get("tokens", 0))
     a_docs, a_toks = tables["active_docs"].tolist(), tables["active_tokens"].tolist()
     mx, sm = tables["max"].tolist(), tables["sum"].tolist()
-    tmp = cfg.out_dir / (EXAMPLES_FILE + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f, _progress(cfg, console, "top-examples: write", "latents") as bar:
+    with atomic_path(cfg.out_dir / EXAMPLES_FILE) as tmp, open(tmp, "w", encoding="utf-8") as f, \
+            _progress(cfg, console, "top-examples: write", "latents") as bar:
         task = bar.add_task("write", total=L, rate="")
         for latent in range(L):
             bar.advance(task)
@@ -784,18 +771,12 @@ def _write_output(cfg: TopExamplesConfig, lo: _Loaded, tables: dict[str, torch.T
                 a, b = doc_tokens[d]
                 rec.docs[d] = DocExample(d, pieces(tok_flat[a:b].tolist()), acts.get(d, []))
             f.write(json.dumps(rec.to_json(), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, cfg.out_dir / EXAMPLES_FILE)
-    from apps.config import to_jsonable
 
     meta = {"format": EXAMPLES_FORMAT, "version": EXAMPLES_VERSION, "complete": True, "config": to_jsonable(cfg),
             "identity": cfg.identity(), "sae": str(cfg.sae.resolve()), "site": lo.site, "model": lo.sae.cfg.model_name,
             "n_latents": L, "docs": n_docs, "tokens": n_tokens, "aggregations": list(AGGREGATIONS),
             "counters": counters, "dead_latents": int(sum(1 for x in a_docs if x == 0))}
-    mtmp = cfg.out_dir / (EXAMPLES_META + ".tmp")
-    mtmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(mtmp, cfg.out_dir / EXAMPLES_META)
+    atomic_write_json(cfg.out_dir / EXAMPLES_META, meta)
     cut = (f"; {counters['truncated_docs']:,} documents cut to --max-tokens {cfg.max_tokens} "
            f"({counters.get('truncated_tokens', 0):,} tokens left out)" if counters.get("truncated_docs") else "")
     empty = f"; {counters['empty_docs']:,} empty documents skipped" if counters.get("empty_docs") else ""

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 from rich.console import Console
 from rich.table import Table
 
+from llama3_sae.files import atomic_path
+
 from .batch_client import JobRunner, Outcome, Request, make_client
 from .config import ScoreConfig
 from .labels import check_sync_limit, final_failures, make_confirm, print_summary, runner_options
@@ -116,9 +118,8 @@ def plot_histogram(scores: Sequence[float], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Iterable, Literal, Mapping
 import torch
 
 from llama3_sae.paths import cache_root
+from llama3_sae.files import atomic_path
 
 from .args import ModelArgs
 from .gguf import GGUFFile, TokenizerSpec, cached_meta, find_gguf, load_gguf
@@ -600,10 +601,6 @@ def save_meta_checkpoint(model: Transformer, ckpt_dir: str | Path, tokenizer_pat
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``write(f)`` into a binary file renamed over ``path`` when it is complete."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)

@@ -11,77 +11,25 @@ Hook sites are ``(layer, point)``; the points, in the order data flows through b
 from __future__ import annotations
 
 import math
-import re
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama3_sae.sites import (  # noqa: F401 (re-exported)
+    POINTS,
+    SHORT_NAMES,
+    SHORT_OF,
+    TRANSCODER,
+    Site,
+    parse_site,
+    site_name,
+)
+
 from .args import ModelArgs
 
-POINTS = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
-# The transcoder pseudo-point: an SAE function at (L, "mlp") replaces block L's MLP (mlp_in -> mlp_out).
-TRANSCODER = "mlp"
-# Llama Scope's short names (R, A, M, TC) plus ours for the other points.
-SHORT_NAMES = {
-    "R": "resid_post", "A": "attn_out", "M": "mlp_out", "RM": "resid_mid", "RP": "resid_pre",
-    "AI": "attn_in", "MI": "mlp_in", "TC": TRANSCODER,
-}
-_SHORT_OF = {v: k for k, v in SHORT_NAMES.items()}
-_SITE_RE = re.compile(r"^L(\d+)(?:\.([a-z_]+)|([A-Z]+))$")
-
-
-class Site(NamedTuple):
-    layer: int
-    point: str
-
-    def __str__(self) -> str:
-        return site_name(self)
-
-
-SiteLike = "Site | str | int | tuple[int, str]"
 SaeFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def parse_site(site: Site | str | int | tuple[int, str]) -> Site:
-    """``"L15R"``, ``"L15.resid_post"``, ``15`` (= resid_post) or ``(15, "resid_post")`` -> ``Site(15, "resid_post")``."""
-    if isinstance(site, Site):
-        layer, point = site
-    elif isinstance(site, bool):
-        raise ValueError(f"not a hook site: {site!r}")
-    elif isinstance(site, int):
-        layer, point = site, "resid_post"
-    elif isinstance(site, tuple) and len(site) == 2:
-        layer, point = site
-    elif isinstance(site, str):
-        s = site.strip()
-        if s.isdigit():
-            layer, point = int(s), "resid_post"
-        else:
-            m = _SITE_RE.match(s)
-            if not m:
-                raise ValueError(
-                    f"cannot parse hook site {site!r}: use L<layer><code> with code one of "
-                    f"{sorted(SHORT_NAMES)} (e.g. L15R), or L<layer>.<point> with point one of {POINTS}"
-                )
-            layer = int(m.group(1))
-            point = m.group(2) or SHORT_NAMES.get(m.group(3), "")
-            if not point:
-                raise ValueError(f"unknown site code {m.group(3)!r} in {site!r}; known codes: {sorted(SHORT_NAMES)}")
-    else:
-        raise ValueError(f"not a hook site: {site!r}")
-    if point not in POINTS and point != TRANSCODER:
-        raise ValueError(f"unknown hook point {point!r} in {site!r}; points are {POINTS} (or {TRANSCODER!r})")
-    if int(layer) < 0:
-        raise ValueError(f"negative layer in hook site {site!r}")
-    return Site(int(layer), point)
-
-
-def site_name(site: Site | str | int | tuple[int, str]) -> str:
-    """Canonical short name, e.g. ``Site(15, "resid_post")`` -> ``"L15R"``."""
-    layer, point = parse_site(site)
-    return f"L{layer}{_SHORT_OF[point]}"
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -216,7 +164,7 @@ class TransformerBlock(nn.Module):
 
     def _site(self, point: str, x: torch.Tensor, acts: dict[str, torch.Tensor] | None) -> torch.Tensor:
         if acts is not None and point in self.store_points:
-            acts[f"L{self.layer_id}{_SHORT_OF[point]}"] = x  # the value before any SAE function
+            acts[f"L{self.layer_id}{SHORT_OF[point]}"] = x  # the value before any SAE function
         fn = self.fns.get(point)
         return x if fn is None else fn(x)
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from llama3_sae.sites import parse_site, site_name
+
 FORMAT_NAME = "llama3-sae"
 FORMAT_VERSION = 2
 """Bump when config.json or the tensor layout changes meaning; ``from_dict`` rejects versions it does not know.
@@ -157,7 +159,6 @@ class SAEConfig:
 def canonical_site(site: Any) -> str:
     """A site as this project writes it ("L15R", "L15TC" for a transcoder)."""
     # The site grammar belongs to the model module; import here so the SAE math has no model dependency.
-    from llama3.model import parse_site, site_name
 
     return site_name(parse_site(site))
 

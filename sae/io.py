@@ -6,28 +6,27 @@ Files are written to a temporary name and renamed, so an interrupted save never 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
 from safetensors import safe_open
 
-from llama3_sae.errors import naming
-from llama3_sae.files import umask_mode
+from llama3_sae.files import atomic_path
 from llama3_sae.tensorfile import save_safetensors
 
 from .config import FORMAT_NAME, FORMAT_VERSION, SAEConfig
-from .model import SparseAutoencoder
+
+if TYPE_CHECKING:  # the module works on any SAE's state dict; the class imports this module, not the reverse
+    from .model import SparseAutoencoder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 LATENTS_FILE = "latents.jsonl"
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path) -> Path:
+def save_sae(sae: "SparseAutoencoder", path: str | Path) -> Path:
     """Write the SAE to directory ``path`` (created if needed). A ``latents.jsonl`` already there is kept."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -55,8 +54,9 @@ def is_native_dir(path: Path) -> bool:
     return isinstance(raw, dict) and raw.get("format") == FORMAT_NAME
 
 
-def load_native(path: str | Path, device: torch.device | str | None = None) -> SparseAutoencoder:
-    """Load a directory written by ``save_sae``; every tensor comes back bit for bit."""
+def read_native(path: str | Path) -> tuple[SAEConfig, dict[str, torch.Tensor], Path]:
+    """The config and tensors of a directory written by ``save_sae`` (``SparseAutoencoder.load`` builds the
+    module from them), and the weights file's path."""
     path = Path(path)
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
@@ -67,10 +67,7 @@ def load_native(path: str | Path, device: torch.device | str | None = None) -> S
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
     cfg = SAEConfig.from_dict(raw, where=str(cfg_path))
-    tensors = read_safetensors(weights_path)
-    sae = SparseAutoencoder(cfg, seed=None, device=device)
-    load_state(sae, tensors, where=str(weights_path))
-    return sae
+    return cfg, read_safetensors(weights_path), weights_path
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -78,7 +75,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
-def load_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], where: str) -> None:
+def load_state(sae: "SparseAutoencoder", tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy tensors into the SAE, checking names, shapes and dtypes so a mismatch says what is wrong."""
     expected = sae.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -131,13 +128,6 @@ def write_latents(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
 
 
 def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        with naming(dest):
-            write(tmp)
-        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; files here follow the umask like every other file
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(tmp)`` then rename over ``dest`` (llama3_sae.files.atomic_path)."""
+    with atomic_path(dest) as tmp:
+        write(str(tmp))

@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
+from llama3_sae.sites import Site, parse_site, site_name
+
 from .config import DTYPES, SAEConfig, canonical_site
-from .io import is_native_dir, load_native, load_state, read_safetensors, save_sae
+from .io import _atomic_write, is_native_dir, load_state, read_safetensors, save_sae
 from .model import SparseAutoencoder
 
 FORMATS = ("llama3-sae", "sae_lens", "llama_scope", "llamascopium", "sparsify", "goodfire")
@@ -58,7 +60,6 @@ def hook_name_to_site(name: str):
     module names, sparsify) -> ``Site``. Hooks without an equivalent here are a ValueError. TransformerLens's
     ``ln1/ln2.hook_normalized`` map to attn_in / mlp_in, which differ from them by the RMSNorm weight
     (see ``needs_norm_weight``)."""
-    from llama3.model import Site
 
     m = _TL_RE.match(name)
     if m and m.group(2) in _TL_POINTS:
@@ -75,7 +76,6 @@ def hook_name_to_site(name: str):
 
 def site_to_hook_name(site: Any) -> str:
     """Our site -> the TransformerLens hook name SAELens uses. attn_in/mlp_in have no exact equivalent."""
-    from llama3.model import parse_site
 
     s = parse_site(site)
     for hook, point in _TL_POINTS.items():
@@ -130,7 +130,7 @@ def load_sae(path: str | Path, *, format: str | None = None, site: Any = None, m
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} is not one of {FORMATS}")
     p = Path(path)
-    loader = {"llama3-sae": load_native, "sae_lens": _load_sae_lens, "llama_scope": _load_llama_scope,
+    loader = {"llama3-sae": SparseAutoencoder.load, "sae_lens": _load_sae_lens, "llama_scope": _load_llama_scope,
               "llamascopium": _load_llamascopium, "sparsify": _load_sparsify, "goodfire": _load_goodfire}[fmt]
     with warnings.catch_warnings():
         if site is not None:  # the caller already says where it goes
@@ -209,7 +209,6 @@ def _site_of_hook(hook: str | None, where: str) -> str | None:
     if not hook:
         return None
     try:
-        from llama3.model import site_name
 
         return site_name(hook_name_to_site(hook))
     except ValueError as e:
@@ -364,7 +363,6 @@ def _load_sae_lens(path: Path) -> SparseAutoencoder:
 
 def _transcoder_site(hook_in: str | None, hook_out: str | None, where: str) -> str:
     """A transcoder's input and output hooks -> "L{L}TC": it must read block L's MLP input and write its output."""
-    from llama3.model import site_name
 
     if not hook_in or not hook_out:
         raise ValueError(f"{where}: a transcoder needs both its input and output hook names (found {hook_in!r}, "
@@ -694,7 +692,6 @@ def export_sae_lens(sae: SparseAutoencoder, path: str | Path, *, hook_name: str 
     """
     from safetensors.torch import save_file
 
-    from .io import _atomic_write
 
     cfg = sae.cfg
     if cfg.is_transcoder:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SAEConfig
+from .io import load_state, read_native, save_sae
 from .sparse import SparseCode, gathered_relu_linear, sparse_decode
 
 INFER_CHUNK_ELEMENTS = 1 << 25
@@ -419,15 +420,15 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ I/O and injection
     def save(self, path: str | Path) -> None:
         """Write ``path/config.json`` and ``path/sae.safetensors`` (this project's format)."""
-        from .io import save_sae
-
         save_sae(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> "SparseAutoencoder":
-        from .io import load_native
-
-        return load_native(path, device=device)
+        """A directory written by ``save``; every tensor comes back bit for bit."""
+        cfg, tensors, weights = read_native(path)
+        sae = cls(cfg, seed=None, device=device)
+        load_state(sae, tensors, where=str(weights))
+        return sae
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -12,12 +12,13 @@ one batched forward can serve several users or several steering settings.
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from llama3_sae.sites import parse_site, site_name
 
 from .model import SparseAutoencoder
 
@@ -205,7 +206,6 @@ def bind_to_model(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
     point = sae.cfg.source.get("input_before_norm_weight")
     if not point or sae.cfg.source.get("norm_weight_folded"):
         return sae
-    from llama3.model import parse_site
 
     if sae.cfg.site is None:
         raise ValueError("this SAE reads a normalised input before the norm weight but names no site; pass site=...")
@@ -234,7 +234,6 @@ def check_injection(sae: SparseAutoencoder, params: Any, site: Any = None, *, re
     """The site an SAE goes to in a model with ``params`` (a ModelArgs), or a ValueError that says why it
     cannot: no site known, a layer the model does not have, a different width, or (with ``require_bound``)
     an input convention that ``bind_to_model`` has not folded yet."""
-    from llama3.model import parse_site, site_name
 
     if require_bound and sae.cfg.source.get("input_before_norm_weight") and not sae.cfg.source.get("norm_weight_folded"):
         raise ValueError("this SAE reads TransformerLens's normalised input, before the RMSNorm weight: call "

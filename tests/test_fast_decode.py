@@ -32,12 +32,23 @@ def test_compiled_decode_gives_the_eager_tokens(tokenizer):
     llm = _llm(tokenizer)
     prompts = ["The delegates gathered at the", "Hi"]
     eager = llm.text_completion(prompts, temperature=0.0, max_gen_len=12, stop_tokens=[])
+    from torch._dynamo.utils import counters
+
     llm.compile()
     compiled = llm.text_completion(prompts, temperature=0.0, max_gen_len=12, stop_tokens=[])
     assert [c.tokens for c in compiled] == [c.tokens for c in eager]
-    # A second generation with other lengths reuses the compiled step (no stride-driven recompiles).
-    again = llm.text_completion(["A longer prompt than the others here"], temperature=0.0, max_gen_len=5, stop_tokens=[])
-    assert len(again[0].tokens) == 5
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # the step was compiled (the counter counts what dynamo hands to a backend)
+    # Generations with other prompt lengths and positions reuse the compiled step: no stride- or
+    # position-driven recompiles (the step's shapes are static: [batch, 1] tokens and the cache).
+    again = llm.text_completion(["A longer prompt than the others here", "Yes"], temperature=0.0, max_gen_len=5,
+                                stop_tokens=[])
+    assert [len(c.tokens) for c in again] == [5, 5]
+    assert counters["stats"]["unique_graphs"] == graphs, "the decode step was compiled again"
+    # Another batch size is another static shape: compiled once, then reused.
+    for _ in range(2):
+        llm.text_completion(["One row"], temperature=0.0, max_gen_len=3, stop_tokens=[])
+    assert counters["stats"]["unique_graphs"] == graphs + 1
 
 
 def test_int8_linear_matches_dequantised_weights():

@@ -8,9 +8,7 @@ The libraries are the ``interop`` extra (sae-lens, eai-sparsify, llamascopium); 
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
 
 import pytest
 import torch

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from apps.config import add_dataclass_args, from_namespace
+from llama3_sae.config import add_dataclass_args, from_namespace
 from sae import Edit
 
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from apps.config import field_docs, save_config
-from apps.config import parse_config
+from llama3_sae.config import field_docs, save_config
+from llama3_sae.config import parse_config
 from training.cli import main_eval, main_train
 from training.config import TrainConfig
 from training.eval import EvalConfig

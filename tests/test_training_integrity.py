@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from training.cli import main_train
 from training.synthetic import sparse_dictionary_data, write_store

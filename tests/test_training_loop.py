@@ -276,3 +276,43 @@ def test_metrics_table_shows_the_issue_columns():
     with TrainDisplay(Console(file=plain, width=200), total_steps=100, start_step=0, enabled=True) as display:
         display.add({"step": 10, "mse": 0.25, "l0": 31.5})
     assert plain.getvalue().strip() == "step 10  loss 0.25  L0 31.5"  # not a terminal: one plain line
+
+
+def test_one_training_step_equals_one_computed_by_hand(store, tmp_path):
+    """Forward (dense TopK, written out here), MSE in the normalised space, backward, the decoder gradient
+    projected off each decoder row, gradient clipping, AdamW at the first step's learning rate, unit decoder
+    rows -- against ``Trainer.train_step``. Leaving out any one of these steps changes the result."""
+    cfg = TrainConfig(store=store, out=tmp_path / "o", n_latents=N_LATENTS, k=4, k_aux=0, batch_size=64, steps=10,
+                      lr=1e-2, warmup_steps=2, grad_clip=0.05, weight_decay=0.01, normalization="dataset")
+    t = Trainer(cfg, DistContext())
+    sae = t.sae
+    W_enc, b_enc, W_dec, b_pre = (p.detach().clone().double().requires_grad_(True)
+                                  for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_pre))
+    with torch.no_grad():  # the init has decoder = encoder rows; move the encoder so the two differ
+        sae.W_enc.add_(0.05 * torch.randn(sae.W_enc.shape, generator=torch.Generator().manual_seed(3)))
+        W_enc.copy_(sae.W_enc.double())
+    x = t.stream.batch(0)
+    s_in = float(sae.norm_in_scale)
+    xn = x.double() * s_in  # dataset normalisation without a shift
+    pre = torch.relu((xn - b_pre) @ W_enc.T + b_enc)
+    idx = pre.topk(4, dim=1).indices
+    h = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx))
+    loss = ((h @ W_dec + b_pre) - xn).pow(2).mean()
+    loss.backward()
+    with torch.no_grad():
+        g = W_dec.grad
+        g -= (g * W_dec).sum(1, keepdim=True) / (W_dec * W_dec).sum(1, keepdim=True) * W_dec
+        params = [W_enc, b_enc, W_dec, b_pre]
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+        for p in params:
+            p.grad *= min(1.0, cfg.grad_clip / (float(norm) + 1e-6))
+    assert float(norm) > cfg.grad_clip  # the clip is active in this step
+    opt = torch.optim.AdamW(params, lr=cfg.lr * lr_factor(0, warmup=2, total=10, final_ratio=cfg.lr_final_ratio),
+                            betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    opt.step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+    t.train_step(x)
+    for name, ref in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_pre", b_pre)):
+        torch.testing.assert_close(getattr(sae, name).detach().double(), ref.detach(), rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")

@@ -10,6 +10,7 @@ From Python: ``run_train(TrainConfig(store=..., out=...))``.
 
 from .cli import main_eval, main_train
 from .config import TrainConfig
-from .loop import Trainer, TrainResult, run_train
+from .loop import Trainer, TrainResult
+from .run import run_train
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "main_eval", "main_train", "run_train"]

@@ -22,7 +22,7 @@ import torch
 from llama3_sae.errors import naming
 from llama3_sae.tensorfile import save_safetensors
 
-from capture.store import fsync_dir
+from llama3_sae.files import fsync_dir
 from safetensors import safe_open
 
 CHECKPOINTS = "checkpoints"

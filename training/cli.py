@@ -8,7 +8,7 @@ import os
 import sys
 
 from llama3_sae.errors import USER_ERRORS, describe
-from apps.config import parse_config
+from llama3_sae.config import parse_config
 
 from .config import TrainConfig
 
@@ -30,7 +30,7 @@ examples:
 
 
 def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") -> int:
-    from .loop import run_train
+    from .run import run_train
 
     try:
         cfg = parse_config(TrainConfig, argv, prog, "Train a TopK sparse autoencoder on an activation store "

@@ -1,6 +1,6 @@
 """``TrainConfig``: every option of ``llama3-sae train`` / ``torchrun -m training``, one docstring per field.
 
-``apps.config.add_dataclass_args`` turns the fields into command-line options (the help text is the
+``llama3_sae.config.add_dataclass_args`` turns the fields into command-line options (the help text is the
 docstring), and the same object is saved as ``train_config.json`` beside the trained SAE and inside
 every checkpoint, so ``--help``, config files and saved run configs never disagree.
 

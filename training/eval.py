@@ -16,7 +16,6 @@ paper's figure 10).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +24,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from llama3_sae.files import atomic_write_json
+from llama3_sae.sites import parse_site, site_name
 
 EVAL_JSON = "eval.json"
 EVAL_PNG = "eval.png"
@@ -149,7 +151,6 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
     from capture.config import SourceConfig
     from capture.sources import iter_documents
     from llama3.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from llama3.model import parse_site, site_name
     from sae import load_sae, sae_hooks
     from sae.config import resolve_bos
 
@@ -230,9 +231,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
               "truncated_tokens": counters.get("truncated_tokens", 0), "empty_docs": counters.get("empty_docs", 0),
               "seconds": time.perf_counter() - t0, "saes": rows}
     cfg.out.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.out / (EVAL_JSON + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(cfg.out / EVAL_JSON)
+    atomic_write_json(cfg.out / EVAL_JSON, report, indent=2)
     if cfg.plots:
         try:
             report["plot"] = str(plot_eval(rows, cfg.out / EVAL_PNG))

@@ -12,7 +12,6 @@ same all-reduced gradients when it projects, clips and steps, so the replicas st
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import time
@@ -26,7 +25,9 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
-from apps.config import save_config, to_jsonable
+from llama3_sae.config import save_config, to_jsonable
+from llama3_sae.files import atomic_write_json
+from llama3_sae.sites import parse_site
 from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder, topk_to_jumprelu
 from sae.io import load_state
 from sae.metrics import evaluate_reconstruction
@@ -669,10 +670,7 @@ class Trainer:
                 except ImportError:
                     self.console.print("note: matplotlib is not installed, so no plots were written "
                                        "(pip install 'llama3-sae[plots]')", highlight=False)
-            text = json.dumps(summary, indent=2) + "\n"
-            tmp = self.out / (SUMMARY_FILE + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(self.out / SUMMARY_FILE)
+            atomic_write_json(self.out / SUMMARY_FILE, summary, indent=2)
         self.ctx.barrier()
         return summary
 
@@ -695,7 +693,6 @@ class Trainer:
 def transcoder_site(input_site: str, target_site: str) -> str:
     """The site of a transcoder trained from a store at ``input_site`` to one at ``target_site``: L{L}TC,
     which only block L's MLP input -> its output can be."""
-    from llama3.model import parse_site
 
     a, b = parse_site(input_site), parse_site(target_site)
     if a.point != "mlp_in" or b.point != "mlp_out" or a.layer != b.layer:
@@ -708,32 +705,3 @@ def transcoder_site(input_site: str, target_site: str) -> str:
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
-
-
-def build_trainer(cfg: TrainConfig, ctx: DistContext, console: Console | None = None) -> Trainer:
-    """The trainer for the layout: latent-sharded when --model-parallel > 1, else one process or DDP."""
-    if cfg.model_parallel > 1:
-        from .sharded import ShardedTrainer
-
-        return ShardedTrainer(cfg, ctx, console)
-    return Trainer(cfg, ctx, console)
-
-
-def run_train(cfg: TrainConfig, console: Console | None = None) -> TrainResult:
-    """Set up torch.distributed from torchrun's environment (if any), train, tear down."""
-    from .dist import setup_distributed
-
-    ctx = setup_distributed(cfg.device, cfg.model_parallel, cfg.dist_timeout_min)
-    # This is the job's entry point, so it owns the process RNGs: seeded here for a fresh run (torch seeds
-    # them from the OS otherwise), restored from the checkpoint on resume. The training itself draws
-    # from its own seeded generators.
-    torch.manual_seed(cfg.seed)
-    trainer = build_trainer(cfg, ctx, console)
-    result = trainer.run()
-    del trainer  # release DDP / DTensor state before the process group goes
-    # Only after success: after a failure the other ranks may sit in a collective, and a barrier in the
-    # teardown would hang instead of letting torchrun stop the job.
-    ctx.close()
-    return result
-
-
