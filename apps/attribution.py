@@ -16,9 +16,8 @@ what the steered model did), and builds a graph only from the SAE's site onwards
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,20 +47,6 @@ class Attribution:
         return [(int(i), float(self.scores[i]), float(self.max_acts[i])) for i in idx.tolist()]
 
 
-@contextlib.contextmanager
-def _without_kv_cache(model: torch.nn.Module) -> Iterator[None]:
-    # A forward at start_pos=0 with the cache present would write graph-carrying keys/values into the
-    # cache buffers; detaching the caches makes this a plain causal forward and leaves them untouched.
-    caches = [block.attention.cache for block in model.layers]
-    for block in model.layers:
-        block.attention.cache = None
-    try:
-        yield
-    finally:
-        for block, cache in zip(model.layers, caches):
-            block.attention.cache = cache
-
-
 def attribute(engine: Engine, tokens: Sequence[int], position: int | None = None,
               edits: Sequence[Edit] = ()) -> Attribution:
     """Attribute the token at ``tokens[position]`` (default: the last one) to the SAE's latents."""
@@ -89,14 +74,11 @@ def attribute(engine: Engine, tokens: Sequence[int], position: int | None = None
     device = model.tok_embeddings.weight.device
     ids = torch.tensor([tokens[:position]], dtype=torch.long, device=device)
     target = tokens[position]
-    with engine.lock, _without_kv_cache(model), torch.enable_grad():
-        model.set_hooks(None, {site: at_site})
-        try:
-            logits = model(ids, 0, last_only=True)[0, -1].float()  # [vocab]
-            metric = logits[target] - logits.mean()
-            (grad,) = torch.autograd.grad(metric, read["y"])
-        finally:
-            model.set_hooks(None, None)
+    # Without the cache: a forward at start_pos=0 would write graph-carrying keys/values into its buffers.
+    with engine.lock, model.without_cache(), model.hooks(None, {site: at_site}), torch.enable_grad():
+        logits = model(ids, 0, last_only=True)[0, -1].float()  # [vocab]
+        metric = logits[target] - logits.mean()
+        (grad,) = torch.autograd.grad(metric, read["y"])
     y = read["y"].detach()[0].float()  # [T, d]
     g = grad[0].float()  # [T, d]
     with torch.no_grad():

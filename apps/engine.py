@@ -22,7 +22,7 @@ from llama3.model import Site
 from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
 from sae.config import input_site_of
 
-from .common import DTYPES, DTypeName, resolve_device
+from llama3_sae.devices import DTYPES, DTypeName, resolve_device
 from .latents import LatentCatalog
 
 
@@ -271,11 +271,8 @@ class Engine:
         model = self.llm.model
         with self._lock:
             fns = {self.site: steer_fn(self.sae, edits)} if (self.sae is not None and edits) else None
-            model.set_hooks([self.site] if read else None, fns)
-            try:
+            with model.hooks([self.site] if read else None, fns):
                 yield from self._stream(prompt_tokens, sampling, edits, top_latents if read else 0)
-            finally:
-                model.set_hooks(None, None)
 
     def _stream(self, prompt_tokens: Sequence[Sequence[int]], sampling: Sampling, edits: tuple[Edit, ...],
                 top_latents: int) -> Iterator[EngineStep]:

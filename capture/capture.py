@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from llama3_sae.dist import DistContext, setup_distributed
 from llama3_sae.files import atomic_write_json
+from llama3_sae.prefetch import Prefetcher
 from llama3.chat_template import chat_format_for
 from llama3.checkpoint import check_vocab, checkpoint_name, load_model, load_tokenizer, read_model_args, resolve_checkpoint
 from llama3.model import Transformer, site_name
@@ -42,8 +43,8 @@ from llama3.model import Transformer, site_name
 from .batching import EncodedDoc, collate, encode_window, plan_batches
 from .config import DTYPES, CaptureConfig
 from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files
-from .store import (DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, WriterSpec, new_progress,
-                    read_manifest, shard_name, write_manifest, writer_main)
+from .store import DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, read_manifest, shard_name, write_manifest
+from .writer import WriterSpec, new_progress, writer_main
 
 STATE_DIR = ".capture"
 PARTS_DIR = ".parts"
@@ -85,58 +86,6 @@ def _progress_path(cfg: CaptureConfig, rank: int, world: int) -> Path:
 
 def _part_dir(cfg: CaptureConfig, site: str, rank: int, world: int) -> Path:
     return cfg.out / site / PARTS_DIR / f"r{rank}of{world}"
-
-
-# --------------------------------------------------------------------------- distributed
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owned: bool = False
-    """We initialised the process group (and destroy it at the end)."""
-    device_ids: list[int] | None = None
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(device_ids=self.device_ids) if self.device_ids else dist.barrier()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _setup_dist(cfg: CaptureConfig) -> tuple[_Dist, torch.device]:
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
-        torch.cuda.set_device(device)
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return _Dist(), device
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
-    ids = [device.index] if backend == "nccl" else None
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owned=True, device_ids=ids), device
 
 
 # --------------------------------------------------------------------------- run state
@@ -278,42 +227,6 @@ def _windows(cfg: CaptureConfig, docs: Iterator[Any], skip: int, tokenizer: Any,
         yield window
 
 
-def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run an iterator in a background thread (tokenising overlaps the forward passes)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            q.put(("item", done))
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            q.put(("error", e))
-
-    t = threading.Thread(target=work, daemon=True, name="capture-prefetch")
-    t.start()
-    try:
-        while True:
-            kind, item = q.get()
-            if kind == "error":
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        t.join(timeout=5)
-
-
 # --------------------------------------------------------------------------- writer handle
 class _WriterHandle:
     def __init__(self, spec: WriterSpec, depth: int):
@@ -448,7 +361,8 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
         if s.layer >= params.n_layers:
             raise ValueError(f"hook site {site_name(s)} is past the last layer of {cfg.ckpt_dir} "
                              f"(layers 0..{params.n_layers - 1})")
-    dist_info, device = _setup_dist(cfg)
+    dist_info = setup_distributed(cfg.device, timeout_min=cfg.dist_timeout_min, mesh=False)
+    device = dist_info.device
     rank, world = dist_info.rank, dist_info.world
     try:
         decision: tuple[str, str] | None = None
@@ -457,7 +371,7 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
                 decision = _decide(cfg, sites, world)
             except ValueError as e:  # every rank must hear of it, or the others would wait forever
                 decision = ("error", str(e))
-        decision = dist_info.broadcast(decision)
+        decision = dist_info.broadcast_object(decision)
         assert decision is not None
         if decision[0] == "error":
             raise ValueError(decision[1])
@@ -473,7 +387,7 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
             _finalize(cfg, sites, world)
         dist_info.barrier()
         # Throughput of this run over all ranks: their tokens over the slowest rank's time.
-        work = dist_info.gather((local.tokens_this_run, local.seconds))
+        work = dist_info.gather_object((local.tokens_this_run, local.seconds))
         if rank != 0:
             return local
         summary = _summary_from_manifests(cfg, sites)
@@ -483,11 +397,11 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
         summary.status = local.status
         return summary
     finally:
-        if dist_info.owned and dist.is_initialized():
-            dist.destroy_process_group()
+        # No barrier: after a failure the other ranks may never reach one.
+        dist_info.close(barrier=False)
 
 
-def _capture_rank(cfg: CaptureConfig, sites: list[str], d: _Dist, device: torch.device, model: Transformer | None,
+def _capture_rank(cfg: CaptureConfig, sites: list[str], d: DistContext, device: torch.device, model: Transformer | None,
                   tokenizer: Any, console: Any) -> CaptureSummary:
     rank, world = d.rank, d.world
     state = _state(cfg)
@@ -538,14 +452,14 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: _Dist, device: torch.
         lock.release()
 
 
-def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer, tokenizer: Any, chat_format: Any,
+def _run_loop(cfg: CaptureConfig, sites: list[str], d: DistContext, model: Transformer, tokenizer: Any, chat_format: Any,
               progress: dict[str, Any], writer: "_WriterHandle", console: Any) -> CaptureSummary:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     rank, world = d.rank, d.world
-    if cfg.max_tokens > model.rope_cos.shape[0]:
-        raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
+    if cfg.max_tokens > model.max_seq_len:
+        raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.max_seq_len}")
     check_vocab(model.params, tokenizer.n_words, where=cfg.ckpt_dir, exact=None, tokenizer=tokenizer)
     device = model.tok_embeddings.weight.device
     store_dtype = DTYPES[cfg.dtype]
@@ -553,7 +467,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer
     source_stats = SourceStats()
     skip = int(progress["docs_done"])
     docs = rank_documents(iter_documents(cfg, source_stats, files), rank, world)
-    windows = _prefetch(_windows(cfg, docs, skip, tokenizer, chat_format))
+    windows = Prefetcher(_windows(cfg, docs, skip, tokenizer, chat_format), 2, name="capture-prefetch")
     bar = Progress(TextColumn(f"capture {','.join(sites)}" + (f" rank {rank}/{world}" if world > 1 else "")),
                    BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TextColumn("{task.fields[tps]}"),
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -561,7 +475,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: _Dist, model: Transformer
     summary = CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed" if skip else "captured")
     outbox = _Outbox(writer, sites, store_dtype)
     t0 = time.perf_counter()
-    with bar, torch.inference_mode():
+    with windows, bar, torch.inference_mode():
         task = bar.add_task("capture", total=_rank_share(cfg.limit, rank, world), completed=skip, tps="")
         if not cfg.split_sentences and cfg.progress and rank == 0:
             # Counting the records of big text files takes a while: do it beside the capture, for the ETA.

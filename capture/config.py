@@ -11,14 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 
 from llama3_sae.config import config_identity
 
 from llama3.model import Site, parse_site
+from llama3_sae.devices import DTYPES, DTypeName  # noqa: F401 (DTYPES: capture's storage dtypes)
 
-DTypeName = Literal["bf16", "fp16", "fp32"]
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SourceFormat = Literal["auto", "parquet", "jsonl", "text"]
 SplitterName = Literal["blingfire", "pysbd", "nltk"]
 BadUtf8 = Literal["replace", "skip"]

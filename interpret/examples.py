@@ -47,13 +47,13 @@ import torch
 
 from capture.config import SourceOptions
 from llama3_sae.config import config_identity, save_config, to_jsonable
+from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_path, atomic_write_json
 from llama3_sae.sites import site_name
 
 from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
                       LatentExamples)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORK = "top_examples.work"
 STATE = "state.json"
 MASK31 = (1 << 31) - 1
@@ -144,8 +144,8 @@ class TopExamplesConfig(SourceOptions, _TopTarget):
         if self.tokens_per_batch < self.max_tokens:
             problems.append(f"--tokens-per-batch ({self.tokens_per_batch}) must be at least --max-tokens "
                             f"({self.max_tokens}) so the longest document fits in a batch")
-        if self.model_dtype not in _DTYPES:
-            problems.append(f"--model-dtype must be one of {sorted(_DTYPES)}, got {self.model_dtype!r}")
+        if self.model_dtype not in DTYPES:
+            problems.append(f"--model-dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
         if self.memory_mb <= 0:
             problems.append(f"--memory-mb must be > 0, got {self.memory_mb}")
         if self.random_examples > self.random_pool:
@@ -317,29 +317,20 @@ class _Loaded:
         return input_site_of(self.site)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
     from llama3.chat_template import chat_format_for
     from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
     from sae import load_sae
     from sae.config import resolve_bos
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     sae = load_sae(cfg.sae, site=cfg.site, device=device)
     if sae.cfg.site is None:
         raise ValueError(f"{cfg.sae}: the SAE's config names no hook site; pass --site (e.g. --site L8R)")
     site = site_name(sae.cfg.site)
     ckpt = resolve_checkpoint(cfg.ckpt_dir)
     tokenizer = load_tokenizer(ckpt, cfg.tokenizer)
-    model = load_model(ckpt, device=device, dtype=_DTYPES[cfg.model_dtype], store_layer_activ=[site])
+    model = load_model(ckpt, device=device, dtype=DTYPES[cfg.model_dtype], store_layer_activ=[site])
     check_vocab(model.params, tokenizer.n_words, where=ckpt, exact=None, tokenizer=tokenizer)
     bos, note = resolve_bos(cfg.bos, sae.cfg, tokenizer)
     if note and console is not None:
@@ -347,8 +338,8 @@ def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
     if model.params.dim != sae.cfg.d_model:
         raise ValueError(f"the SAE reads d_model={sae.cfg.d_model} but the model in {ckpt} has dim="
                          f"{model.params.dim}: this SAE belongs to another model ({sae.cfg.model_name or 'unnamed'})")
-    if cfg.max_tokens > model.rope_cos.shape[0]:
-        raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.rope_cos.shape[0]}")
+    if cfg.max_tokens > model.max_seq_len:
+        raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.max_seq_len}")
     from sae import bind_to_model
 
     bind_to_model(sae, model)  # SAEs trained on TransformerLens's normalised inputs take the model's norm weight

@@ -10,8 +10,9 @@ Hook sites are ``(layer, point)``; the points, in the order data flows through b
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +245,38 @@ class Transformer(nn.Module):
             block.store_points = tuple(s.point for s in self.store_sites if s.layer == block.layer_id)
             block.fns = {s.point: f for s, f in fns.items() if s.layer == block.layer_id}
 
+    @contextlib.contextmanager
+    def hooks(self, store_layer_activ: Iterable | None = None, sae_layer_forward_fn: Mapping | None = None
+              ) -> Iterator["Transformer"]:
+        """``set_hooks`` for the duration of a ``with`` block; the model has no hooks again afterwards.
+
+            with model.hooks(["L8R"], {"L12R": steer}):
+                logits = model(tokens)            # model.activations["L8R"] holds layer 8's output
+        """
+        self.set_hooks(store_layer_activ, sae_layer_forward_fn)
+        try:
+            yield self
+        finally:
+            self.set_hooks(None, None)
+
+    @contextlib.contextmanager
+    def without_cache(self) -> Iterator["Transformer"]:
+        """A plain causal forward inside the block even when a KV cache is allocated: the cache is set aside
+        (not written, e.g. by a forward that builds an autograd graph) and restored afterwards."""
+        caches = [block.attention.cache for block in self.layers]
+        for block in self.layers:
+            block.attention.cache = None
+        try:
+            yield self
+        finally:
+            for block, cache in zip(self.layers, caches):
+                block.attention.cache = cache
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence the rotary tables cover."""
+        return int(self.rope_cos.shape[0])
+
     # ------------------------------------------------------------------ buffers and cache
     def init_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the rotary tables, e.g. after building on the meta device."""
@@ -256,9 +289,9 @@ class Transformer(nn.Module):
         """Allocate the static KV cache that ``forward(tokens, start_pos)`` then uses (generation only)."""
         max_batch_size = max_batch_size or self.params.max_batch_size
         max_seq_len = max_seq_len or self.params.max_seq_len
-        if max_seq_len > self.rope_cos.shape[0]:
+        if max_seq_len > self.max_seq_len:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's rotary table "
-                             f"({self.rope_cos.shape[0]}); build the model with a larger max_seq_len")
+                             f"({self.max_seq_len}); build the model with a larger max_seq_len")
         weight = self.tok_embeddings.weight
         for block in self.layers:
             block.attention.cache = KVCache(max_batch_size, max_seq_len, self.params.n_kv_heads,
@@ -283,7 +316,7 @@ class Transformer(nn.Module):
         if shape is None:
             if not isinstance(start_pos, torch.Tensor) and start_pos != 0:
                 raise ValueError("start_pos > 0 needs the KV cache: call model.setup_cache(...) first")
-            limit = self.rope_cos.shape[0]
+            limit = self.max_seq_len
         else:
             if B > shape[0]:
                 raise ValueError(f"batch of {B} exceeds the KV cache's max_batch_size={shape[0]}")
@@ -323,8 +356,8 @@ class Transformer(nn.Module):
             raise ValueError("no sites to store: build the Transformer with store_layer_activ=[...]")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-        if tokens.shape[1] > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.rope_cos.shape[0]}")
+        if tokens.shape[1] > self.max_seq_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds max_seq_len={self.max_seq_len}")
         last = max(s.layer for s in self.store_sites)
         acts: dict[str, torch.Tensor] = {}
         h = self.tok_embeddings(tokens)

@@ -136,16 +136,16 @@ def evaluate_reconstruction(sae: SparseAutoencoder, activations: Iterable[Any] |
         if sae.cfg.is_transcoder and y is None:
             raise ValueError("a transcoder is evaluated on (MLP input, MLP output) pairs; its input alone says "
                              "nothing about how well it predicts the output")
-        x = sae._flat(x.to(device))
-        xn, ns = sae._normalize(x)
-        code = sae._code(xn)
-        x_hat = sae.denormalize(sae._decode_n(code), ns)
+        x = sae.flatten(x.to(device))
+        xn, ns = sae.normalize(x)
+        code = sae.code_normalized(xn)
+        x_hat = sae.denormalize(sae.decode_normalized(code), ns)
         skip = sae.skip(x)
         if skip is not None:
             x_hat = x_hat + skip
         stats.update(code)
         if y is not None:
-            x = sae._flat(y.to(device))
+            x = sae.flatten(y.to(device))
         xd = x.double()
         err2 += float((x_hat.double() - xd).pow(2).sum())
         sum_x += xd.sum(0)

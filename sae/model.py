@@ -149,7 +149,7 @@ class SparseAutoencoder(nn.Module):
         total, n = torch.zeros(d, dtype=torch.float64), 0
         for x in _batches(activations, d):
             x = x.to(self.W_enc.device)
-            xn, _ = self._normalize(x)
+            xn, _ = self.normalize(x)
             total += xn.double().sum(0).cpu()
             n += x.shape[0]
         self.b_pre.copy_((total / _nonzero(n)).to(self.b_pre.dtype))
@@ -170,8 +170,10 @@ class SparseAutoencoder(nn.Module):
         one = x.new_ones(())
         return NormStats(x.new_zeros(()), one, one)
 
-    def _normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
-        """x [N, d] any float dtype -> (x_n in the weights' dtype, stats)."""
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
+        """x [N, d] any float dtype -> (x_n in the weights' dtype, stats). With ``code_normalized``,
+        ``decode_normalized`` and ``denormalize``, the steps of ``reconstruct`` for callers that need one
+        in between (steering edits the code; metrics keep the statistics)."""
         if self.cfg.normalization == "none":
             return x.to(self.W_enc.dtype), self.norm_stats(x.float())
         xf = x.float()
@@ -184,7 +186,8 @@ class SparseAutoencoder(nn.Module):
             return y_n.float()
         return y_n.float() / stats.out_scale + stats.shift
 
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+    def flatten(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_model] -> [N, d_model], with an error that says what is wrong with other shapes."""
         if x.shape[-1] != self.cfg.d_model:
             raise ValueError(f"SAE expects activations with last dimension d_model={self.cfg.d_model}, "
                              f"got shape {tuple(x.shape)}")
@@ -195,7 +198,7 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------ encoder
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
         """W_enc (x_n - b_pre) + b_enc for each token: [..., n_latents] in the weights' dtype (dense)."""
-        xn, _ = self._normalize(self._flat(x))
+        xn, _ = self.normalize(self.flatten(x))
         pre = F.linear(self._centre(xn), self.W_enc, self.b_enc)
         return pre.reshape(*x.shape[:-1], self.cfg.n_latents)
 
@@ -267,7 +270,7 @@ class SparseAutoencoder(nn.Module):
         values = gathered_relu_linear(xc, self.W_enc, self.b_enc, idx, top.values)
         return SparseCode(values * (top.values > 0).to(values.dtype), idx)
 
-    def _code(self, xn: torch.Tensor, k: int | None = None) -> SparseCode:
+    def code_normalized(self, xn: torch.Tensor, k: int | None = None) -> SparseCode:
         """Inference encode of normalised [N, d]. Without autograd, tokens go through in chunks so the
         dense pre-activations stay near INFER_CHUNK_ELEMENTS entries (a 2048-token prompt with 65k
         latents would otherwise hold 0.5 GiB of them per row of the batch)."""
@@ -294,9 +297,9 @@ class SparseAutoencoder(nn.Module):
         """
         if scale not in ("native", "decoder_norm"):
             raise ValueError(f"scale={scale!r} must be 'native' or 'decoder_norm'")
-        flat = self._flat(x)
-        xn, stats = self._normalize(flat)
-        code = self._code(xn, k=k)
+        flat = self.flatten(x)
+        xn, stats = self.normalize(flat)
+        code = self.code_normalized(xn, k=k)
         if scale == "decoder_norm":
             # ||h_i W_dec[i]|| mapped out of the normalised space: the latent's share of x_hat, in x's units.
             f = self.W_dec.float().norm(dim=1)[code.indices]
@@ -319,10 +322,11 @@ class SparseAutoencoder(nn.Module):
         code = h if isinstance(h, SparseCode) else _dense_to_sparse(h, self.cfg.n_latents)
         leading = code.values.shape[:-1]
         flat = code.flatten()
-        y = self._decode_n(flat)
+        y = self.decode_normalized(flat)
         return self.denormalize(y, stats).reshape(*leading, self.cfg.d_model)
 
-    def _decode_n(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
+    def decode_normalized(self, code: SparseCode, bias: bool = True) -> torch.Tensor:
+        """W_dec^T h (+ b_pre) in the normalised space, touching only the active latents' rows."""
         y = sparse_decode(code.values.to(self.W_dec.dtype), code.indices, self.W_dec)
         return y + self.b_pre if bias else y
 
@@ -335,9 +339,9 @@ class SparseAutoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) (plus the skip term, if any) in x's shape and dtype. For a transcoder this is
         the predicted MLP output for MLP input x."""
-        flat = self._flat(x)
-        xn, stats = self._normalize(flat)
-        y = self.denormalize(self._decode_n(self._code(xn)), stats)
+        flat = self.flatten(x)
+        xn, stats = self.normalize(flat)
+        y = self.denormalize(self.decode_normalized(self.code_normalized(xn)), stats)
         s = self.skip(flat)
         return (y if s is None else y + s).to(x.dtype).reshape(x.shape)
 
@@ -353,16 +357,16 @@ class SparseAutoencoder(nn.Module):
         used per token (default d_model // 2). BatchTopK selects over the whole batch in training mode
         and updates its inference threshold; in eval mode it uses the threshold.
         """
-        flat = self._flat(x)
-        xn, stats = self._normalize(flat)
+        flat = self.flatten(x)
+        xn, stats = self.normalize(flat)
         k_aux = self.cfg.d_model // 2 if k_aux is None else int(k_aux)
         batch_topk = self.cfg.architecture == "batchtopk" and self.training
         code, aux_code, batch_threshold = self._encode(xn, k=k, batch_topk=batch_topk, dead_mask=dead_mask,
                                                        k_aux=k_aux)
         if batch_threshold is not None:
             self._update_batch_threshold(batch_threshold)
-        x_hat_n = self._decode_n(code)
-        y = flat if target is None else self._flat(target)
+        x_hat_n = self.decode_normalized(code)
+        y = flat if target is None else self.flatten(target)
         if y.shape != flat.shape:
             raise ValueError(f"target has shape {tuple(target.shape)}, the input {tuple(x.shape)}")
         s = self.skip(flat)
@@ -374,7 +378,7 @@ class SparseAutoencoder(nn.Module):
         aux_loss = zero
         if aux_code is not None:
             residual = (target - x_hat_n.float()).detach()
-            e_hat = self._decode_n(aux_code, bias=False).float()  # the residual has no b_pre in it
+            e_hat = self.decode_normalized(aux_code, bias=False).float()  # the residual has no b_pre in it
             denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
             aux_loss = (e_hat - residual).pow(2).sum() / denom
         l1 = zero

@@ -153,9 +153,9 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
         for e in edits:
             if e.rows is not None and max(e.rows, default=-1) >= B:
                 raise ValueError(f"edit on latent {e.latent} names row {max(e.rows)}, but the batch has {B} rows")
-        flat = sae._flat(x)
-        xn, stats = sae._normalize(flat)
-        code = sae._code(xn)
+        flat = sae.flatten(x)
+        xn, stats = sae.normalize(flat)
+        code = sae.code_normalized(xn)
         lat = torch.tensor(latents, device=x.device)
         # Current activations of the edited latents, h [N, E].
         hit = code.indices[:, :, None] == lat  # [N, m, E]

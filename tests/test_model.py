@@ -310,3 +310,35 @@ def test_forward_input_errors():
         model(torch.zeros(1, 1, dtype=torch.long), start_pos=3)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 513, dtype=torch.long))
+
+
+def test_hooks_context_removes_the_hooks_even_after_an_error():
+    model = make_random_model(tiny_args(), seed=4)
+    tokens = random_tokens(model.params.vocab_size, batch=1, seq=6)
+    with torch.no_grad():
+        clean = model(tokens)
+        with model.hooks(["L0R"], {"L1R": lambda x: x * 0}) as m:
+            assert m is model and model.store_sites and model.sae_fns
+            zeroed = model(tokens)
+        assert model.store_sites == () and model.sae_fns == {}
+        assert not torch.equal(zeroed, clean) and torch.equal(model(tokens), clean)
+        with pytest.raises(RuntimeError, match="boom"):
+            with model.hooks(None, {"L1R": lambda x: x}):
+                raise RuntimeError("boom")
+        assert model.sae_fns == {}
+    assert model.max_seq_len == model.rope_cos.shape[0] == tiny_args().max_seq_len
+
+
+def test_without_cache_is_a_plain_forward_and_leaves_the_cache_alone():
+    model = make_random_model(tiny_args(), seed=4)
+    model.setup_cache(1, 32)
+    tokens = random_tokens(model.params.vocab_size, batch=1, seq=5)
+    with torch.no_grad():
+        model(tokens, 0)  # fills the first 5 cache slots
+        before = [b.attention.cache.k.clone() for b in model.layers]
+        plain = make_random_model(tiny_args(), seed=4)(tokens[:, :3])
+        with model.without_cache():
+            out = model(tokens[:, :3])
+        after = [b.attention.cache.k for b in model.layers]
+    torch.testing.assert_close(out, plain)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -353,7 +353,7 @@ def test_fit_dataset_norm_llama_scope_convention():
     avg = x.double().norm(dim=1).mean()
     torch.testing.assert_close(sae.norm_in_scale.double(), math.sqrt(D) / avg)
     assert torch.equal(sae.norm_shift, torch.zeros(D))
-    xn = sae._normalize(x)[0]
+    xn = sae.normalize(x)[0]
     torch.testing.assert_close(xn.norm(dim=1).mean(), torch.tensor(math.sqrt(D)), rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="iterator"):
         sae.fit_dataset_norm(iter([x]), center=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from capture.store import ActivationStore
-from training.data import Prefetcher, StoreRows, TrainStream, mmap_safetensor, val_batches
+from llama3_sae.prefetch import Prefetcher
+from training.data import StoreRows, TrainStream, mmap_safetensor, val_batches
 from training.synthetic import write_store
 
 
@@ -103,21 +104,22 @@ def test_truncated_shard_is_a_clear_error(tmp_path):
         StoreRows(path, val_fraction=0.1, val_max_rows=10, seed=0)
 
 
-def test_prefetcher_returns_steps_in_order_and_raises_worker_errors():
+def test_prefetcher_returns_items_in_order_and_raises_worker_errors():
     calls = []
 
-    def fn(step):
-        calls.append(step)
-        if step == 4:
-            raise RuntimeError("boom at 4")
-        return torch.full((2,), step)
+    def items():
+        for step in range(1, 6):
+            calls.append(step)
+            if step == 4:
+                raise RuntimeError("boom at 4")
+            yield torch.full((2,), step)
 
     for depth in (0, 2):
         calls.clear()
-        p = Prefetcher(fn, start=1, stop=6, depth=depth)
-        assert [int(p.get(s)[0]) for s in (1, 2, 3)] == [1, 2, 3]
-        with pytest.raises(RuntimeError, match="boom at 4"):
-            p.get(4)
-        p.close()
-        with pytest.raises(AssertionError):
-            Prefetcher(fn, start=0, stop=3, depth=depth).get(1)
+        with Prefetcher(items(), depth=depth) as p:
+            assert [int(next(p)[0]) for _ in range(3)] == [1, 2, 3]
+            with pytest.raises(RuntimeError, match="boom at 4"):
+                next(p)
+        assert calls[:4] == [1, 2, 3, 4]
+    with Prefetcher(iter([1, 2]), depth=3) as p:
+        assert list(p) == [1, 2]  # ends where its items end

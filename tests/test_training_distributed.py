@@ -20,7 +20,7 @@ from training import checkpoint as ckpt
 from training.cli import main_train
 from training.config import TrainConfig
 from training.data import TrainStream
-from training.dist import DistContext
+from llama3_sae.dist import DistContext
 from training.logging import read_metrics
 from training.loop import Trainer
 from training.synthetic import sparse_dictionary_data, write_store

@@ -19,7 +19,7 @@ from training import checkpoint as ckpt
 from training.cli import main_train
 from training.config import TrainConfig
 from training.data import StoreRows, val_batches
-from training.dist import DistContext
+from llama3_sae.dist import DistContext
 from training.logging import read_metrics, truncate_metrics
 from training.loop import Trainer, lr_factor
 from training.synthetic import sparse_dictionary_data, write_store

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,56 +282,3 @@ def val_batches(rows: StoreRows, batch_size: int, part: int = 0, n_parts: int = 
     ids = rows.val_ids[part::n_parts]
     for i in range(0, len(ids), batch_size):
         yield rows.pair(ids[i:i + batch_size])
-
-
-T = TypeVar("T")
-
-
-class Prefetcher(Generic[T]):
-    """Calls ``fn(step)`` for consecutive steps in a background thread, ``depth`` steps ahead.
-
-    Reading a batch (page faults on the memory map, the gather, the conversion to float32) overlaps the
-    training step. The thread only computes what ``fn`` returns for a step, so the data do not depend
-    on timing. ``depth`` 0 calls ``fn`` in the caller's thread.
-    """
-
-    def __init__(self, fn: Callable[[int], T], start: int, stop: int, depth: int):
-        self.fn, self.next_step, self.stop_step, self.depth = fn, start, stop, depth
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if depth > 0 and start < stop:
-            self._thread = threading.Thread(target=self._work, name="sae-data-prefetch", daemon=True)
-            self._thread.start()
-
-    def _work(self) -> None:
-        step = self.next_step
-        while step < self.stop_step and not self._stop.is_set():
-            try:
-                item: Any = ("ok", self.fn(step))
-            except BaseException as e:  # handed to the training thread, which re-raises it
-                item = ("error", e)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if item[0] == "error":
-                return
-            step += 1
-
-    def get(self, step: int) -> T:
-        assert step == self.next_step, f"prefetcher expected step {self.next_step}, got {step}"
-        self.next_step += 1
-        if self._thread is None:
-            return self.fn(step)
-        kind, value = self._queue.get()
-        if kind == "error":
-            raise value
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_write_json
 from llama3_sae.sites import parse_site, site_name
 
@@ -154,7 +155,6 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
     from sae import load_sae, sae_hooks
     from sae.config import resolve_bos
 
-    from .dist import resolve_device
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
             raise ValueError(f"--sae {path} does not record its hook site; give it with --sites (one per --sae)")
         saes.append(sae)
     sites = [sae.cfg.site for sae in saes]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     ckpt = resolve_checkpoint(cfg.ckpt_dir)
     model = load_model(ckpt, device=device, dtype=dtype, max_seq_len=max(cfg.max_tokens, 2))
     for path, sae in zip(cfg.sae, saes):

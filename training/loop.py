@@ -26,7 +26,9 @@ from rich.console import Console
 from torch import nn
 
 from llama3_sae.config import save_config, to_jsonable
+from llama3_sae.dist import DistContext
 from llama3_sae.files import atomic_write_json
+from llama3_sae.prefetch import Prefetcher
 from llama3_sae.sites import parse_site
 from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder, topk_to_jumprelu
 from sae.io import load_state
@@ -34,8 +36,7 @@ from sae.metrics import evaluate_reconstruction
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import Prefetcher, StoreRows, TrainStream, val_batches
-from .dist import DistContext
+from .data import StoreRows, TrainStream, val_batches
 from .logging import METRICS_FILE, MetricsLog, TrainDisplay, plot_training_curves, read_metrics
 
 SUMMARY_FILE = "metrics_summary.json"
@@ -550,14 +551,16 @@ class Trainer:
     def _train(self, log: MetricsLog | None) -> None:
         cfg, ctx = self.cfg, self.ctx
         display = TrainDisplay(self.console, self.total_steps, self.step, enabled=cfg.progress and ctx.is_main)
-        prefetch = Prefetcher(self.stream.batch, self.step, self.total_steps, cfg.prefetch)
+        # Batches depend only on (seed, step): reading them ahead cannot change what is trained on.
+        prefetch = Prefetcher((self.stream.batch(s) for s in range(self.step, self.total_steps)), cfg.prefetch,
+                              name="sae-data-prefetch")
         acc: dict[str, torch.Tensor] = {}
         n_acc = 0
         window_t0, window_step = time.perf_counter(), self.step
         try:
             with display:
                 while self.step < self.total_steps:
-                    batch = prefetch.get(self.step)
+                    batch = next(prefetch)
                     if isinstance(batch, tuple):
                         batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                     else:

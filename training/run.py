@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from rich.console import Console
 
+from llama3_sae.dist import DistContext, setup_distributed
+
 from .config import TrainConfig
-from .dist import DistContext, setup_distributed
 from .loop import Trainer, TrainResult
 from .sharded import ShardedTrainer
 

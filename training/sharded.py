@@ -112,8 +112,8 @@ class ShardedSAE(nn.Module):
 
     # The normalisation code of SparseAutoencoder reads only ``cfg``, the norm buffers and W_enc's dtype,
     # all of which this module has: calling it keeps one definition of the normalisation.
-    def _normalize(self, x: torch.Tensor):
-        return SparseAutoencoder._normalize(self, x)  # type: ignore[arg-type]
+    def normalize(self, x: torch.Tensor):
+        return SparseAutoencoder.normalize(self, x)  # type: ignore[arg-type]
 
     def denormalize(self, y: torch.Tensor, stats: Any) -> torch.Tensor:
         return SparseAutoencoder.denormalize(self, y, stats)  # type: ignore[arg-type]
@@ -141,7 +141,7 @@ class ShardedSAE(nn.Module):
                 ) -> tuple[torch.Tensor, ...]:
         cfg = self.cfg
         flat = x.reshape(-1, cfg.d_model)
-        xn, stats = self._normalize(flat)
+        xn, stats = self.normalize(flat)
         W_enc, b_enc, W_dec, b_pre = (self.local(n) for n in _PARAMS)
         xc = xn - b_pre if cfg.apply_b_pre_to_input else xn
         xc = _SumGradOverGroup.apply(xc, self.group)

@@ -1,8 +1,9 @@
-"""The process layout of a training run: torchrun's environment, the process group and the device mesh.
+"""The process layout of a distributed job (capture, training): torchrun's environment, the process group
+and, for training, the device mesh.
 
 Ranks form a (data, model) DeviceMesh: ``model_parallel`` consecutive ranks share one data-parallel
 batch and split the latents between them; the groups of them are data parallel. Without torchrun
-(no WORLD_SIZE) the run is one process and no process group is created.
+(no WORLD_SIZE) the job is one process and no process group is created.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .devices import resolve_device
 
 
 @dataclass
@@ -64,6 +67,14 @@ class DistContext:
             else:
                 dist.barrier()
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
@@ -77,11 +88,14 @@ class DistContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t
 
-    def close(self) -> None:
+    def close(self, *, barrier: bool = True) -> None:
+        """Destroy the process group if this process created it. ``barrier``: wait for every rank first (after
+        success); leave it out after a failure, when the other ranks may never arrive."""
         if self.owned and dist.is_initialized():
             # Every rank reaches this point before any tears its connections down; a rank that exits
             # while a peer is still using the gloo pairs can make that peer abort.
-            self.barrier()
+            if barrier:
+                self.barrier()
             # Drop the mesh (and with it the last Python references to its groups) and collect what the
             # trainer left, so no gloo work object outlives the process group into interpreter shutdown.
             self.mesh = None
@@ -90,23 +104,10 @@ class DistContext:
             self.owned = False
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:N or auto)") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
-def setup_distributed(device: str, model_parallel: int, timeout_min: float) -> DistContext:
-    """Read torchrun's environment, start the process group (NCCL on GPUs, gloo on CPU) and the mesh."""
+def setup_distributed(device: str, model_parallel: int = 1, timeout_min: float = 30.0, *,
+                      mesh: bool = True) -> DistContext:
+    """Read torchrun's environment, start the process group (NCCL on GPUs, gloo on CPU) and (``mesh``) the
+    (data, model) device mesh. A process group that already exists is used, not owned."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
@@ -123,8 +124,10 @@ def setup_distributed(device: str, model_parallel: int, timeout_min: float) -> D
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min),
                                 device_id=dev if dev.type == "cuda" else None)
         owned = True
-    from torch.distributed.device_mesh import init_device_mesh
+    grid = None
+    if mesh:
+        from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(dev.type, (world // model_parallel, model_parallel), mesh_dim_names=("data", "model"))
+        grid = init_device_mesh(dev.type, (world // model_parallel, model_parallel), mesh_dim_names=("data", "model"))
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=dev,
-                       model_parallel=model_parallel, owned=owned, mesh=mesh)
+                       model_parallel=model_parallel, owned=owned, mesh=grid)
