@@ -8,7 +8,6 @@ Without a terminal, lines are read from stdin and the replies printed plainly, o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +18,7 @@ from rich.markup import escape
 from llama3.generation import Message
 from sae import Edit
 
-from llama3_sae.config import add_dataclass_args, from_namespace
+from llama3_sae.config import parse_config
 from .engine import Engine, ModelOptions, SaeOptions, Sampling, SamplingOptions
 from .terminal import StreamView, describe_edit, make_console
 
@@ -141,12 +140,5 @@ def run_chat(cfg: ChatConfig, console: Console | None = None, read: Callable[[st
 
 
 def main_chat(argv: list[str] | None = None, prog: str = "llama3-sae chat") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, ChatConfig)
-    ns = parser.parse_args(argv)
-    try:
-        cfg = from_namespace(ChatConfig, ns)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = parse_config(ChatConfig, argv, prog, __doc__, usage_errors=True)
     return run_chat(cfg)

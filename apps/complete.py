@@ -6,7 +6,6 @@ their labels) at the latest token of each prompt when ``--sae`` is given. Piped,
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from llama3_sae.config import add_dataclass_args, from_namespace
+from llama3_sae.config import parse_config
 from .engine import Engine, ModelOptions, SaeOptions, Sampling, SamplingOptions
 from .terminal import StreamView, describe_edit, make_console
 
@@ -72,16 +71,9 @@ def run_complete(cfg: CompleteConfig, console: Console | None = None) -> list[st
 
 
 def main_complete(argv: list[str] | None = None, prog: str = "llama3-sae complete") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  llama3-sae complete --ckpt-dir DIR --sae SAE_DIR "
-                                            "\"The delegates gathered at the\" --steer 896=20 --seed 42")
-    add_dataclass_args(parser, CompleteConfig, skip=("prompts",))
-    parser.add_argument("prompts", nargs="*", help="prompts to complete, batched together")
-    ns = parser.parse_args(argv)
-    try:
-        cfg = from_namespace(CompleteConfig, ns)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = parse_config(CompleteConfig, argv, prog, __doc__, usage_errors=True,
+                       positional={"prompts": "prompts to complete, batched together"},
+                       epilog="example:\n  llama3-sae complete --ckpt-dir DIR --sae SAE_DIR \"The delegates gathered at "
+                              "the\" --steer 896=20 --seed 42")
     run_complete(cfg)
     return 0

@@ -19,7 +19,6 @@ demo_results.json. A rerun reuses the finished stages and only repeats the steer
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -32,7 +31,7 @@ from typing import Any
 from llama3_sae.files import sha256_file
 from llama3_sae.paths import cache_root
 
-from llama3_sae.config import add_dataclass_args, from_namespace
+from llama3_sae.config import parse_config
 from .demo_metrics import (LatentPurity, distinctive_words, mean_logprob, read_topics, topic_purity,
                            topic_word_rate)
 
@@ -486,12 +485,6 @@ def _print_numbers(console, results: dict[str, Any], work: Path) -> None:
 
 
 def main_demo(argv: list[str] | None = None, prog: str = "llama3-sae demo") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_args(parser, DemoConfig)
-    try:
-        cfg = from_namespace(DemoConfig, parser.parse_args(argv))
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = parse_config(DemoConfig, argv, prog, __doc__, usage_errors=True)
     run_demo(cfg)
     return 0

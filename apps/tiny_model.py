@@ -8,7 +8,6 @@ so its activations have structure, written once in Meta's layout to a cache dire
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -25,7 +24,7 @@ from llama3 import ModelArgs, Transformer
 from llama3.model import init_random_weights
 from llama3_sae.paths import cache_root
 
-from llama3_sae.config import add_dataclass_args, from_namespace
+from llama3_sae.config import parse_config
 
 TINY_PRESET = "tiny"
 TINY_SEED = 0
@@ -166,10 +165,8 @@ class TinyModelConfig:
 
 
 def main_tiny_model(argv: list[str] | None = None, prog: str = "llama3-sae test-model") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description="Write (or find) the tiny Llama 3 test checkpoint (random "
-                                     "widths of 64, the real Llama 3 tokenizer, briefly trained; for tests, not the "
-                                     "demo model) in Meta layout and print its directory.")
-    add_dataclass_args(parser, TinyModelConfig)
-    cfg = from_namespace(TinyModelConfig, parser.parse_args(argv))
+    cfg = parse_config(TinyModelConfig, argv, prog, "Write (or find) the tiny Llama 3 test checkpoint (random widths of "
+                       "64, the real Llama 3 tokenizer, briefly trained; for tests, not the demo model) in Meta layout "
+                       "and print its directory.", usage_errors=True)
     print(ensure_tiny_checkpoint(cfg.cache_dir, force=cfg.force))
     return 0

@@ -16,7 +16,6 @@ Model calls go through one queue with ``--concurrency`` of them running at once.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import queue
 import re
@@ -28,7 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from sae import Edit
 
-from llama3_sae.config import add_dataclass_args, from_namespace
+from llama3_sae.config import parse_config
 from .engine import Engine, EngineStep, ModelOptions, Sampling, check_sampling
 from .latents import UNLABELLED
 
@@ -614,16 +613,8 @@ def launch(blocks, cfg: UiConfig, *, prevent_thread_lock: bool = False, quiet: b
 
 
 def main_ui(argv: list[str] | None = None, prog: str = "llama3-sae ui") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  llama3-sae ui --ckpt-dir DIR --sae SAE_DIR   "
-                                            "# then open http://127.0.0.1:7860")
-    add_dataclass_args(parser, UiConfig)
-    ns = parser.parse_args(argv)
-    try:
-        cfg = from_namespace(UiConfig, ns)
-    except ValueError as e:
-        parser.error(str(e))
+    cfg = parse_config(UiConfig, argv, prog, __doc__, usage_errors=True,
+                       epilog="example:\n  llama3-sae ui --ckpt-dir DIR --sae SAE_DIR   # then open http://127.0.0.1:7860")
     try:
         import gradio  # noqa: F401
     except ImportError:  # an optional dependency: say how to get it rather than show a traceback

@@ -149,15 +149,23 @@ def load_config(cls: type[T], path: str | Path, **overrides: Any) -> T:
     return from_namespace(cls, ns)
 
 
-def parse_config(cls: type, argv: list[str] | None, prog: str, description: str, epilog: str = "") -> Any:
-    """argparse options from the dataclass ``cls``; ``--config FILE`` (JSON, e.g. a saved
-    train_config.json) gives values that the command line overrides."""
+def parse_config(cls: type, argv: list[str] | None, prog: str, description: str, epilog: str = "", *,
+                 positional: dict[str, str] | None = None, usage_errors: bool = False) -> Any:
+    """argparse options from the dataclass ``cls``; ``--config FILE`` (JSON, e.g. a saved run config)
+    gives values that the command line overrides. Every command parses this way.
+
+    positional: fields taken as trailing positional arguments instead of options ({name: help}; a tuple
+    field takes any number). usage_errors: an invalid value exits with argparse's usage message (the
+    interactive commands), instead of raising the ValueError for the caller to print as one line."""
+    positional = positional or {}
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help="JSON file of option values (names as in --help with underscores, e.g. a saved "
-                             "train_config.json); options on the command line override it")
-    add_dataclass_args(parser, cls)
+                             "run config); options on the command line override it")
+    add_dataclass_args(parser, cls, skip=tuple(positional))
+    for name, help_text in positional.items():
+        parser.add_argument(name, nargs="*", help=help_text)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     config_path = pre.parse_known_args(argv)[0].config
@@ -177,7 +185,16 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str,
             if action.dest in base:
                 action.required = False
     ns = parser.parse_args(argv)
-    return from_namespace(cls, ns, base)
+    for name in positional:  # positional values add to what --config gives
+        given = getattr(ns, name)
+        if not given and base and name in base:
+            setattr(ns, name, base.pop(name))
+    try:
+        return from_namespace(cls, ns, base)
+    except ValueError as e:
+        if usage_errors:
+            parser.error(str(e))
+        raise
 
 
 def config_identity(cfg: Any, free: set[str]) -> dict[str, Any]:

@@ -116,49 +116,67 @@ class ReconstructionReport:
         return dict(self.__dict__)
 
 
-@torch.no_grad()
-def evaluate_reconstruction(sae: SparseAutoencoder, activations: Iterable[Any] | torch.Tensor, *,
-                            dense_threshold: float = 0.1) -> ReconstructionReport:
-    """Stream batches [N, d_model] through the SAE; variance is accumulated in float64 in one pass.
+class ReconstructionStats:
+    """Streaming reconstruction statistics of one SAE: float64 sums in one pass (error, target mean and
+    second moment) and per-latent firing counts. ``update`` batch after batch, then ``report``."""
 
-    For a transcoder each batch is a pair (MLP input, MLP output), and MSE / explained variance / FVU are
-    of the predicted MLP output. A skip connection's term is part of the reconstruction."""
-    batches = [activations] if isinstance(activations, (torch.Tensor, tuple)) else activations
-    d = sae.cfg.d_model
-    device = sae.W_enc.device
-    stats = LatentStats(sae.cfg.n_latents, device=device)
-    err2 = 0.0
-    sum_x = torch.zeros(d, dtype=torch.float64, device=device)
-    sum_x2 = 0.0
-    active = 0.0
-    for item in batches:
-        x, y = item if isinstance(item, tuple) else (item, None)
-        if sae.cfg.is_transcoder and y is None:
+    def __init__(self, sae: SparseAutoencoder):
+        self.sae = sae
+        d, device = sae.cfg.d_model, sae.W_enc.device
+        self.latents = LatentStats(sae.cfg.n_latents, device=device)
+        self.err2 = 0.0
+        self.sum_y = torch.zeros(d, dtype=torch.float64, device=device)
+        self.sum_y2 = 0.0
+        self.active = 0.0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """x: rows the SAE encodes [N, d]; target: what it reconstructs (a transcoder's MLP output), default x."""
+        sae = self.sae
+        if sae.cfg.is_transcoder and target is None:
             raise ValueError("a transcoder is evaluated on (MLP input, MLP output) pairs; its input alone says "
                              "nothing about how well it predicts the output")
-        x = sae.flatten(x.to(device))
-        xn, ns = sae.normalize(x)
+        x = sae.flatten(x.to(sae.W_enc.device))
+        xn, stats = sae.normalize(x)
         code = sae.code_normalized(xn)
-        x_hat = sae.denormalize(sae.decode_normalized(code), ns)
+        x_hat = sae.denormalize(sae.decode_normalized(code), stats)
         skip = sae.skip(x)
         if skip is not None:
             x_hat = x_hat + skip
-        stats.update(code)
-        if y is not None:
-            x = sae.flatten(y.to(device))
-        xd = x.double()
-        err2 += float((x_hat.double() - xd).pow(2).sum())
-        sum_x += xd.sum(0)
-        sum_x2 += float(xd.pow(2).sum())
-        active += float((code.values > 0).sum())
-    n = stats.n_tokens
-    if n == 0:
-        raise ValueError("no activations were given")
-    total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
-    ev = 1 - err2 / total_var if total_var > 0 else math.nan
-    return ReconstructionReport(n_tokens=n, l0=active / n, mse=err2 / (n * d), explained_variance=ev, fvu=1 - ev,
-                                dead_fraction=stats.dead_fraction(), dense_fraction=stats.dense_fraction(dense_threshold),
-                                density_histogram=stats.histogram())
+        self.latents.update(code)
+        y = (x if target is None else sae.flatten(target.to(x.device))).double()
+        self.err2 += float((x_hat.double() - y).pow(2).sum())
+        self.sum_y += y.sum(0)
+        self.sum_y2 += float(y.pow(2).sum())
+        self.active += float((code.values > 0).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return self.latents.n_tokens
+
+    def report(self, *, dense_threshold: float = 0.1) -> ReconstructionReport:
+        n, d = self.n_tokens, self.sae.cfg.d_model
+        if n == 0:
+            raise ValueError("no activations were given")
+        total_var = self.sum_y2 - float(self.sum_y.pow(2).sum()) / n
+        ev = 1 - self.err2 / total_var if total_var > 0 else math.nan
+        return ReconstructionReport(n_tokens=n, l0=self.active / n, mse=self.err2 / (n * d), explained_variance=ev,
+                                    fvu=1 - ev, dead_fraction=self.latents.dead_fraction(),
+                                    dense_fraction=self.latents.dense_fraction(dense_threshold),
+                                    density_histogram=self.latents.histogram())
+
+
+def evaluate_reconstruction(sae: SparseAutoencoder, activations: Iterable[Any] | torch.Tensor, *,
+                            dense_threshold: float = 0.1) -> ReconstructionReport:
+    """Stream batches [N, d_model] through the SAE (``ReconstructionStats``). For a transcoder each batch is
+    a pair (MLP input, MLP output), and MSE / explained variance / FVU are of the predicted MLP output. A
+    skip connection's term is part of the reconstruction."""
+    batches = [activations] if isinstance(activations, (torch.Tensor, tuple)) else activations
+    acc = ReconstructionStats(sae)
+    for item in batches:
+        x, y = item if isinstance(item, tuple) else (item, None)
+        acc.update(x, y)
+    return acc.report(dense_threshold=dense_threshold)
 
 
 # --------------------------------------------------------------------------- downstream loss

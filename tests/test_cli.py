@@ -151,3 +151,29 @@ def test_bad_option_values_are_rejected(tiny_ckpt, capsys):
     assert "top_p" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no prompts"):
         main(["complete", "--ckpt-dir", str(tiny_ckpt)])
+
+
+def test_every_command_takes_a_config_file(tmp_path):
+    """ui, demo, chat, complete and test-model parse like the stages: --config FILE, the command line on top."""
+    from apps.chat import ChatConfig
+    from apps.complete import CompleteConfig
+    from apps.demo import DemoConfig
+    from apps.tiny_model import TinyModelConfig
+    from apps.web import UiConfig
+    from llama3_sae.config import parse_config
+
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"prompts": ["Hello there"], "max_new_tokens": 7, "temperature": 0.0}))
+    cfg = parse_config(CompleteConfig, ["--config", str(f)], "complete", "", positional={"prompts": "prompts"})
+    assert cfg.prompts == ["Hello there"] and cfg.max_new_tokens == 7
+    cfg = parse_config(CompleteConfig, ["--config", str(f), "Other", "--max-new-tokens", "3"], "complete", "",
+                       positional={"prompts": "prompts"})
+    assert cfg.prompts == ["Other"] and cfg.max_new_tokens == 3 and cfg.temperature == 0.0
+    for cls, values in ((UiConfig, {"port": 7999}), (ChatConfig, {"max_new_tokens": 9}), (DemoConfig, {"seed": 5}),
+                        (TinyModelConfig, {"force": True})):
+        f.write_text(json.dumps(values))
+        cfg = parse_config(cls, ["--config", str(f)], cls.__name__, "")
+        assert all(getattr(cfg, k) == v for k, v in values.items()), cls
+    f.write_text(json.dumps({"no_such_option": 1}))
+    with pytest.raises(SystemExit):
+        parse_config(UiConfig, ["--config", str(f)], "ui", "")

@@ -24,10 +24,19 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from capture.batching import collate, encode_window
+from capture.config import SourceConfig
+from capture.sources import iter_documents
+from llama3.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_write_json
 from llama3_sae.sites import parse_site, site_name
+from sae import load_sae, sae_hooks
+from sae.config import resolve_bos
+from sae.metrics import ReconstructionStats
 
 EVAL_JSON = "eval.json"
 EVAL_PNG = "eval.png"
@@ -96,42 +105,10 @@ class EvalConfig:
         return [s.strip() for s in self.sites.split(",") if s.strip()]
 
 
-class _Recon:
-    """Streaming reconstruction statistics of one SAE (float64 sums, firing counts)."""
-
-    def __init__(self, n_latents: int, d: int, device: torch.device):
-        self.err2 = 0.0
-        self.sum_x = torch.zeros(d, dtype=torch.float64, device=device)
-        self.sum_x2 = 0.0
-        self.active = 0.0
-        self.n = 0
-        self.fires = torch.zeros(n_latents, dtype=torch.int64, device=device)
-
-    def update(self, sae: Any, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
-        """x: the SAE's input rows; target: what it reconstructs (a transcoder's MLP output), default x."""
-        x = x.float()
-        code = sae.encode(x, sparse=True)
-        x_hat = sae.decode(code, stats=sae.norm_stats(x))
-        skip = sae.skip(x)
-        if skip is not None:
-            x_hat = x_hat + skip
-        on = code.values > 0
-        self.fires += torch.bincount(code.indices[on], minlength=self.fires.numel())
-        xd = (x if target is None else target.float()).double()
-        self.err2 += float((x_hat.double() - xd).pow(2).sum())
-        self.sum_x += xd.sum(0)
-        self.sum_x2 += float(xd.pow(2).sum())
-        self.active += float(on.sum())
-        self.n += x.shape[0]
-
-    def result(self) -> dict[str, float]:
-        d = self.sum_x.numel()
-        total_var = self.sum_x2 - float(self.sum_x.pow(2).sum()) / self.n
-        density = self.fires.double() / self.n
-        return {"l0": self.active / self.n, "mse": self.err2 / (self.n * d),
-                "explained_variance": 1 - self.err2 / total_var if total_var > 0 else math.nan,
-                "dead_fraction": float((self.fires == 0).double().mean()),
-                "dense_fraction": float((density > 0.1).double().mean())}
+def _recon_fields(acc: ReconstructionStats) -> dict[str, float]:
+    r = acc.report()
+    return {"l0": r.l0, "mse": r.mse, "explained_variance": r.explained_variance, "dead_fraction": r.dead_fraction,
+            "dense_fraction": r.dense_fraction}
 
 
 def _ce_sum(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> tuple[float, int]:
@@ -145,15 +122,6 @@ def _ce_sum(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> t
 
 @torch.no_grad()
 def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from capture.batching import collate, encode_window
-    from capture.config import SourceConfig
-    from capture.sources import iter_documents
-    from llama3.checkpoint import load_model, load_tokenizer, resolve_checkpoint
-    from sae import load_sae, sae_hooks
-    from sae.config import resolve_bos
 
 
     console = console or Console(stderr=True)
@@ -186,7 +154,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
         raise ValueError(f"--data {', '.join(map(str, cfg.data))}: no documents found")
     counters: dict[str, int] = {}
     encoded = encode_window(docs, tokenizer, None, bos=bos, max_tokens=cfg.max_tokens, counters=counters)
-    recon = [_Recon(s.cfg.n_latents, s.cfg.d_model, device) for s in saes]
+    recon = [ReconstructionStats(s) for s in saes]
     ce = {"clean": [0.0, 0], **{f"sae{i}": [0.0, 0] for i in range(len(saes))},
           **{f"zero{i}": [0.0, 0] for i in range(len(saes))}}
     progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -206,7 +174,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
             for i, sae in enumerate(saes):
                 rows_kept = recon_keep if sae.cfg.first_token_excluded is not False else keep
                 target = acts[sae.cfg.output_site][rows_kept] if sae.cfg.is_transcoder else None
-                recon[i].update(sae, acts[sae.cfg.input_site][rows_kept], target)
+                recon[i].update(acts[sae.cfg.input_site][rows_kept], target)
                 for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
                     model.set_hooks((), sae_hooks(sae, model, mode=mode))
                     _add(ce[key], _ce_sum(model(tokens), tokens, keep))
@@ -222,11 +190,11 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
         site = parse_site(sites[i])
         rows.append({"sae": str(path), "site": site_name(site), "layer": site.layer,
                      "point": site_name(site)[len(f"L{site.layer}"):], "architecture": sae.cfg.architecture,
-                     "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, **recon[i].result(), "clean_loss": clean,
+                     "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, **_recon_fields(recon[i]), "clean_loss": clean,
                      "sae_loss": with_sae, "zero_ablation_loss": zero, "delta_lm_loss": with_sae - clean,
                      "fidelity": fidelity, "loss_recovered": 1 - fidelity})
     report = {"model": str(ckpt), "data": [str(p) for p in cfg.data], "documents": len(encoded),
-              "tokens": recon[0].n, "predicted_tokens": ce["clean"][1], "bos": bos, "max_tokens": cfg.max_tokens,
+              "tokens": recon[0].n_tokens, "predicted_tokens": ce["clean"][1], "bos": bos, "max_tokens": cfg.max_tokens,
               "truncated_docs": counters.get("truncated_docs", 0),
               "truncated_tokens": counters.get("truncated_tokens", 0), "empty_docs": counters.get("empty_docs", 0),
               "seconds": time.perf_counter() - t0, "saes": rows}
