@@ -28,12 +28,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from capture.capture import format_summary as capture_summary
+from capture.capture import run_capture
+from capture.config import CaptureConfig, PreprocessConfig
+from capture.preprocess import format_summary as preprocess_summary
+from capture.preprocess import run_preprocess
+from interpret import heuristic_labels
+from interpret.config import InterpretConfig
+from interpret.examples import TopExamplesConfig, run_top_examples
+from interpret.labels import run_interpret
+from interpret.records import iter_examples
+from llama3.checkpoint import checkpoint_name, resolve_checkpoint
+from llama3_sae.config import parse_config
 from llama3_sae.files import sha256_file
 from llama3_sae.paths import cache_root
+from sae import Edit
+from training import TrainConfig, run_train
 
-from llama3_sae.config import parse_config
-from .demo_metrics import (LatentPurity, distinctive_words, mean_logprob, read_topics, topic_purity,
-                           topic_word_rate)
+from .demo_metrics import LatentPurity, distinctive_words, mean_logprob, read_topics, topic_purity, topic_word_rate
+from .engine import Engine, ModelOptions, Sampling
 
 # Chosen by measurement on the bundled corpus (see FINDINGS.md and the README): L21R gives ~30 latents
 # of top-20 purity >= 0.8 over most topics and still steers; deeper sites are purer but steer into
@@ -168,19 +186,6 @@ def _stage_key(cfg: DemoConfig, ckpt: Path, data: Path) -> dict[str, Any]:
 
 def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
     """Every stage, in order; prints to ``console`` (stderr) and returns what demo_results.json holds."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from capture.capture import format_summary as capture_summary
-    from capture.capture import run_capture
-    from capture.config import CaptureConfig, PreprocessConfig
-    from capture.preprocess import format_summary as preprocess_summary
-    from capture.preprocess import run_preprocess
-    from interpret import heuristic_labels
-    from interpret.examples import TopExamplesConfig, run_top_examples
-    from llama3.checkpoint import checkpoint_name, resolve_checkpoint
-    from training import TrainConfig, run_train
-
     console = console or Console(stderr=True, soft_wrap=True)
     t_start = time.perf_counter()
     ckpt = resolve_checkpoint(cfg.ckpt_dir)
@@ -200,6 +205,48 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
         console.rule(f"[bold]{n}/7 {text}", align="left")
         return time.perf_counter()
 
+    summary = _prepare_sae(cfg, ckpt, data, acts, sae_dir, stage, timings, console)
+
+    t = stage(5, "labels")
+    counts = heuristic_labels(sae_dir)
+    labels_from = "local heuristic (the tokens a latent fires on; no LLM)"
+    console.print(f"{counts['labelled']:,} latents labelled by the local heuristic ({counts['dead']:,} never fired).")
+    topics, texts = read_topics(data, cfg.topic_field, limit=cfg.limit)
+    purities = topic_purity(sae_dir / "top_examples.jsonl", topics) if any(topics) else []
+    shown = _spread(purities, cfg.show)
+    if cfg.llm_labels:
+        labels_from = _llm_labels(sae_dir, [p.latent for p in shown], console)
+    elif os.environ.get("ANTHROPIC_API_KEY"):
+        console.print("ANTHROPIC_API_KEY is set: pass --llm-labels to label the shown latents with Claude (a few cents).")
+    else:
+        console.print("No ANTHROPIC_API_KEY: these are heuristic labels, not LLM ones.")
+    timings["labels"] = time.perf_counter() - t
+
+    engine = Engine.load(ModelOptions(ckpt_dir=ckpt, max_seq_len=256, device="cpu", dtype="fp32"), sae_dir,
+                         max_batch_size=cfg.samples)
+    t = stage(6, "the purest topic latents")
+    if not purities:
+        console.print(f"{data.name} has no {cfg.topic_field!r} field: no purity to measure. Top latents by activation "
+                      "are in the web app: llama3-sae ui --sae " + escape(str(sae_dir)))
+    _show_latents(console, shown, purities, engine, sae_dir)
+    timings["show"] = time.perf_counter() - t
+
+    t = stage(7, "steering a topic latent")
+    topic_words = _topic_words(data, topics, texts)
+    steering = _steering(cfg, engine, shown, purities, topic_words, console, work) if purities else None
+    timings["steering"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+
+    results = _results(cfg, ckpt, data, sae_dir, summary, labels_from, purities, shown, engine, steering, timings)
+    (work / RESULTS_FILE).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    _print_numbers(console, results, work)
+    return results
+
+
+def _prepare_sae(cfg: DemoConfig, ckpt: Path, data: Path, acts: Path, sae_dir: Path, stage, timings: dict[str, float],
+                 console: Any):
+    """Stages 1-4: capture, preprocess, train, top examples (each reused when already done); the capture's
+    summary."""
     t = stage(1, f"capture {cfg.site} of {checkpoint_name(ckpt)} over {data.name}")
     summary = run_capture(CaptureConfig(ckpt_dir=ckpt, data=(data,), sites=cfg.site, out=acts, dtype="fp32",
                                         model_dtype="fp32", device="cpu", limit=cfg.limit, progress=cfg.progress),
@@ -232,40 +279,13 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
                                            model_dtype="fp32", top_n=20, progress=cfg.progress, overwrite=True),
                          console=console)
     timings["top_examples"] = time.perf_counter() - t
+    return summary
 
-    t = stage(5, "labels")
-    counts = heuristic_labels(sae_dir)
-    labels_from = "local heuristic (the tokens a latent fires on; no LLM)"
-    console.print(f"{counts['labelled']:,} latents labelled by the local heuristic ({counts['dead']:,} never fired).")
-    topics, texts = read_topics(data, cfg.topic_field, limit=cfg.limit)
-    purities = topic_purity(sae_dir / "top_examples.jsonl", topics) if any(topics) else []
-    shown = _spread(purities, cfg.show)
-    if cfg.llm_labels:
-        labels_from = _llm_labels(sae_dir, [p.latent for p in shown], console)
-    elif os.environ.get("ANTHROPIC_API_KEY"):
-        console.print("ANTHROPIC_API_KEY is set: pass --llm-labels to label the shown latents with Claude (a few cents).")
-    else:
-        console.print("No ANTHROPIC_API_KEY: these are heuristic labels, not LLM ones.")
-    timings["labels"] = time.perf_counter() - t
 
-    from .engine import Engine, ModelOptions
-
-    engine = Engine.load(ModelOptions(ckpt_dir=ckpt, max_seq_len=256, device="cpu", dtype="fp32"), sae_dir,
-                         max_batch_size=cfg.samples)
-    t = stage(6, "the purest topic latents")
-    if not purities:
-        console.print(f"{data.name} has no {cfg.topic_field!r} field: no purity to measure. Top latents by activation "
-                      "are in the web app: llama3-sae ui --sae " + escape(str(sae_dir)))
-    _show_latents(console, shown, purities, engine, sae_dir)
-    timings["show"] = time.perf_counter() - t
-
-    t = stage(7, "steering a topic latent")
-    topic_words = _topic_words(data, topics, texts)
-    steering = _steering(cfg, engine, shown, purities, topic_words, console, work) if purities else None
-    timings["steering"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t_start
-
-    results = {
+def _results(cfg: DemoConfig, ckpt: Path, data: Path, sae_dir: Path, summary: Any, labels_from: str, purities: list,
+             shown: list, engine: Engine, steering: Any, timings: dict[str, float]) -> dict[str, Any]:
+    """What demo_results.json holds."""
+    return {
         "model": checkpoint_name(ckpt), "ckpt": str(ckpt), "data": str(data), "site": cfg.site,
         "sae": {"dir": str(sae_dir), "n_latents": cfg.n_latents, "k": cfg.k, "train_steps": cfg.train_steps,
                 "batch_size": cfg.batch_size, "lr": cfg.lr},
@@ -278,9 +298,6 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
         "steering": steering,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    (work / RESULTS_FILE).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    _print_numbers(console, results, work)
-    return results
 
 
 def _examples_done(sae_dir: Path) -> bool:
@@ -315,8 +332,6 @@ def _topic_words(data: Path, topics: list[str | None], texts: list[str]) -> dict
 
 
 def _llm_labels(sae_dir: Path, latents: list[int], console) -> str:
-    from interpret.config import InterpretConfig
-    from interpret.labels import run_interpret
 
     if not os.environ.get("ANTHROPIC_API_KEY"):
         raise SystemExit("--llm-labels needs ANTHROPIC_API_KEY in the environment (it is never read from a file "
@@ -328,9 +343,6 @@ def _llm_labels(sae_dir: Path, latents: list[int], console) -> str:
 
 
 def _show_latents(console, shown: list[LatentPurity], purities: list[LatentPurity], engine, sae_dir: Path) -> None:
-    from rich.text import Text
-
-    from interpret.records import iter_examples
 
     if not shown:
         return
@@ -353,7 +365,6 @@ def _show_latents(console, shown: list[LatentPurity], purities: list[LatentPurit
 
 def highlight(tokens: list[str], acts, scale: float):
     """The document's text with each firing token shaded by its activation (relative to ``scale``)."""
-    from rich.text import Text
 
     level = {int(pos): float(v) for pos, v in acts}
     out = Text()
@@ -370,9 +381,6 @@ def highlight(tokens: list[str], acts, scale: float):
 def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list[LatentPurity],
               topic_words: dict[str, list[str]], console, work: Path) -> dict[str, Any] | None:
     """Measure candidates x strengths against one unsteered baseline (same prompts, same seeds); show the best."""
-    from rich.markup import escape
-
-    from .engine import Sampling
 
     by_latent = {p.latent: p for p in purities}
     if cfg.steer_latent is not None:
@@ -422,7 +430,6 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
 def _measure(engine, run, tokens, cands: list[LatentPurity], strengths: list[float],
              topic_words: dict[str, list[str]]) -> tuple[list[str], float, list[dict[str, Any]]]:
     """Unsteered once, then each candidate at each strength, with the same prompts and seeds."""
-    from sae import Edit
 
     base_texts, base_ids = run([])
     base_fluency = mean_logprob(engine.llm.model, tokens, base_ids)
@@ -444,8 +451,6 @@ def _measure(engine, run, tokens, cands: list[LatentPurity], strengths: list[flo
 
 
 def _steering_table(console, cfg: DemoConfig, trials: list[dict[str, Any]], best: dict[str, Any]) -> None:
-    from rich.markup import escape
-    from rich.table import Table
 
     table = Table(title="steering: topic words in completions of neutral prompts "
                         f"({cfg.samples} samples each, same seeds)", title_justify="left")
@@ -464,7 +469,6 @@ def _steering_table(console, cfg: DemoConfig, trials: list[dict[str, Any]], best
 
 
 def _print_numbers(console, results: dict[str, Any], work: Path) -> None:
-    from rich.markup import escape
 
     p, s = results["purity"], results["steering"]
     lines = [f"\nlatents with top-20 purity >= 0.8: {p['latents_at_least_0.8']} (over {p['topics_at_least_0.8']} topics)"]

@@ -44,12 +44,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from capture.batching import collate, encode_window, plan_batches
 from capture.config import SourceOptions
+from capture.sources import count_records, iter_documents, resolve_files
+from llama3.chat_template import chat_format_for
+from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
 from llama3_sae.config import config_identity, save_config, to_jsonable
 from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_path, atomic_write_json
 from llama3_sae.sites import site_name
+from sae import bind_to_model, load_sae
+from sae.config import input_site_of, resolve_bos
 
 from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
                       LatentExamples)
@@ -312,16 +320,11 @@ class _Loaded:
     @property
     def key(self) -> str:
         """The activation the SAE encodes (a transcoder's MLP input)."""
-        from sae.config import input_site_of
 
         return input_site_of(self.site)
 
 
 def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
-    from llama3.chat_template import chat_format_for
-    from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
-    from sae import load_sae
-    from sae.config import resolve_bos
 
     device = resolve_device(cfg.device)
     sae = load_sae(cfg.sae, site=cfg.site, device=device)
@@ -340,7 +343,6 @@ def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
                          f"{model.params.dim}: this SAE belongs to another model ({sae.cfg.model_name or 'unnamed'})")
     if cfg.max_tokens > model.max_seq_len:
         raise ValueError(f"--max-tokens {cfg.max_tokens} exceeds the model's max_seq_len {model.max_seq_len}")
-    from sae import bind_to_model
 
     bind_to_model(sae, model)  # SAEs trained on TransformerLens's normalised inputs take the model's norm weight
     sae.eval()
@@ -350,7 +352,6 @@ def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
 
 def _windows(cfg: TopExamplesConfig, skip: int) -> Iterator[list[Any]]:
     """Windows of ``window_docs`` documents from document ``skip`` on (a window boundary)."""
-    from capture.sources import iter_documents
 
     docs = iter_documents(cfg)
     for _ in range(skip):
@@ -370,7 +371,6 @@ def _windows(cfg: TopExamplesConfig, skip: int) -> Iterator[list[Any]]:
 def _batches(window: list[Any], cfg: TopExamplesConfig, lo: _Loaded, counters: dict[str, int]):
     """Tokenised, length-bucketed, right-padded batches of a window: (tokens [B, T], keep [B, T] credited
     positions, doc ids [B], ids per row)."""
-    from capture.batching import collate, encode_window, plan_batches
 
     enc = encode_window(window, lo.tokenizer, lo.chat_format, bos=lo.bos, max_tokens=cfg.max_tokens,
                         counters=counters)
@@ -492,8 +492,6 @@ def select(tables: dict[str, torch.Tensor], cfg: TopExamplesConfig) -> Selection
 # ---------------------------------------------------------------------- the run
 def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
     """Run (or resume) both passes and write the output files; returns the path of top_examples.jsonl."""
-    from rich.console import Console
-
 
     console = console or Console(stderr=True)
     out_dir = cfg.out_dir
@@ -552,8 +550,6 @@ def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
 
 
 def _progress(cfg: TopExamplesConfig, console: Any, what: str, unit: str = "docs"):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
 
     return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -561,7 +557,6 @@ def _progress(cfg: TopExamplesConfig, console: Any, what: str, unit: str = "docs
 
 
 def _total_docs(cfg: TopExamplesConfig) -> int | None:
-    from capture.sources import count_records, resolve_files
 
     total = cfg.limit
     if not cfg.split_sentences:

@@ -350,37 +350,47 @@ def load_state_dict(ckpt_dir: str | Path, params: ModelArgs, *, layout: Layout |
     device = torch.device(device)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(params).state_dict().items()}
+    pieces, src_names, unknown, where, config_name = _stored_pieces(ckpt_dir, layout)
+    tie = _tied_head(ckpt_dir, layout, params.tie_word_embeddings, pieces, src_names, config_name)
+    params = dataclasses.replace(params, tie_word_embeddings=tie)
+    if tie:
+        expected.pop("output.weight", None)
+    merge_dims = _check_pieces(ckpt_dir, layout, params, pieces, src_names, unknown, expected, where, config_name)
+    sd = _convert_pieces(pieces, merge_dims, expected, layout, params, dtype, device)
+    if tie:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    return sd, params
 
-    # 1. Gather the stored tensors under Meta names, still lazily mapped: {name: [pieces]}.
+
+def _stored_pieces(ckpt_dir: Path, layout: Layout):
+    """The stored tensors under Meta names, still lazily mapped: ({name: [pieces]}, {name: stored name},
+    stored names with no Meta name, a description of the files, the config file's name)."""
     if layout == "meta":
         pieces, paths = _read_meta(ckpt_dir)
-        src_names = {k: k for k in pieces}
         where = paths[0].name if len(paths) == 1 else f"{paths[0].name} .. {paths[-1].name}"
-        config_name = "params.json"
-        unknown = []
-    else:
-        raw = _read_hf(ckpt_dir)
-        pieces, src_names, unknown = {}, {}, []
-        for hf_name, t in raw.items():
-            if _DERIVED_KEYS.match(hf_name):
-                continue
-            name = hf_to_meta_name(hf_name)
-            if name is None:
-                unknown.append(hf_name)
-                continue
-            pieces[name], src_names[name] = [t], hf_name
-        where = "the safetensors files"
-        config_name = "config.json"
+        return pieces, {k: k for k in pieces}, [], where, "params.json"
+    pieces, src_names, unknown = {}, {}, []
+    for hf_name, t in _read_hf(ckpt_dir).items():
+        if _DERIVED_KEYS.match(hf_name):
+            continue
+        name = hf_to_meta_name(hf_name)
+        if name is None:
+            unknown.append(hf_name)
+            continue
+        pieces[name], src_names[name] = [t], hf_name
+    return pieces, src_names, unknown, "the safetensors files", "config.json"
 
-    # 2. The output head: tied when absent or stored as the embedding itself.
-    tie = params.tie_word_embeddings
+
+def _tied_head(ckpt_dir: Path, layout: Layout, tie: bool, pieces: dict, src_names: dict, config_name: str) -> bool:
+    """Whether the output head is the embedding: absent, or stored as the embedding itself. A tied head's
+    own copy is dropped from ``pieces``."""
     out_p, emb_p = pieces.get("output.weight"), pieces.get("tok_embeddings.weight")
     if out_p is None and emb_p is not None:
         if layout == "hf" and not tie:
             raise ValueError(f"{ckpt_dir}: config.json has tie_word_embeddings=false but the checkpoint has no "
                              f"lm_head.weight; set tie_word_embeddings to true if the head is the embedding")
-        tie = True
-    elif out_p is not None and emb_p is not None:
+        return True
+    if out_p is not None and emb_p is not None:
         if all(_shares_storage(o, e) for o, e in zip(out_p, emb_p)):
             tie = True
         elif tie and not all(torch.equal(o, e) for o, e in zip(out_p, emb_p)):
@@ -389,11 +399,13 @@ def load_state_dict(ckpt_dir: str | Path, params: ModelArgs, *, layout: Layout |
                              f"set tie_word_embeddings to false to use the separate head")
         if tie:
             del pieces["output.weight"]
-    params = dataclasses.replace(params, tie_word_embeddings=tie)
-    if tie:
-        expected.pop("output.weight", None)
+    return tie
 
-    # 3. Names and shapes, every problem reported at once.
+
+def _check_pieces(ckpt_dir: Path, layout: Layout, params: ModelArgs, pieces: dict, src_names: dict,
+                  unknown: list[str], expected: dict, where: str, config_name: str) -> dict[str, int | None]:
+    """Names and shapes against the config, every problem reported at once; returns the dimension along
+    which each sharded tensor's pieces concatenate (None: replicated)."""
     problems = []
     missing = [k for k in expected if k not in pieces]
     unexpected = unknown + [src_names[k] for k in pieces if k not in expected]
@@ -426,8 +438,12 @@ def load_state_dict(ckpt_dir: str | Path, params: ModelArgs, *, layout: Layout |
                          + "\n  - ".join(problems)
                          + f"\nCheck that {config_name} belongs to these weights and that no file is missing "
                            f"or truncated.")
+    return merge_dims
 
-    # 4. Convert tensor by tensor (merging shards straight into the output), so one copy at most is made.
+
+def _convert_pieces(pieces: dict, merge_dims: dict[str, int | None], expected: dict, layout: Layout,
+                    params: ModelArgs, dtype: torch.dtype | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Convert tensor by tensor (merging shards straight into the output), so one copy at most is made."""
     sd: dict[str, torch.Tensor] = {}
     for name in list(pieces):
         ps = pieces.pop(name)  # drop our reference to the mapped pieces as we go
@@ -445,9 +461,7 @@ def load_state_dict(ckpt_dir: str | Path, params: ModelArgs, *, layout: Layout |
             if template in HF_ROTARY_PERMUTED:
                 t = unpermute_rotary(t, getattr(params, HF_ROTARY_PERMUTED[template]))
         sd[name] = t
-    if tie:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    return sd, params
+    return sd
 
 
 def _clip(names: list[str], n: int = 12) -> str:
