@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import ACTIVATIONS
 from .config import SAEConfig
 from .io import load_state, read_native, save_sae
 from .sparse import SparseCode, gathered_relu_linear, sparse_decode
@@ -69,12 +70,10 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(L, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.empty(L, d, dtype=dtype, device=device))
         self.b_pre = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
-        # Statistics and thresholds are float32 whatever the weights are: bf16 would move a Llama Scope
-        # scale of 2.197 to 2.188 and shift every threshold comparison.
-        if cfg.architecture in ("jumprelu", "batchtopk"):
-            self.register_buffer("threshold", torch.zeros(L, dtype=torch.float32, device=device))
-        if cfg.architecture == "batchtopk":
-            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64, device=device))
+        # The architecture: which latents a token keeps, its buffers (thresholds) and its penalty.
+        self.activation = ACTIVATIONS[cfg.architecture]
+        self.activation.register_buffers(self, device)
+        # Statistics are float32 whatever the weights are: bf16 would move a Llama Scope scale of 2.197 to 2.188.
         if cfg.skip_connection:
             # [d_out, d_in]: x_hat += x @ W_skip^T, on the raw input (zero at init: the SAE starts without it).
             self.W_skip = nn.Parameter(torch.zeros(d, d, dtype=dtype, device=device))
@@ -205,7 +204,8 @@ class SparseAutoencoder(nn.Module):
     def _centre(self, xn: torch.Tensor) -> torch.Tensor:
         return xn - self.b_pre if self.cfg.apply_b_pre_to_input else xn
 
-    def _decoder_norms(self) -> torch.Tensor:
+    def decoder_norms(self) -> torch.Tensor:
+        """||W_dec[i]|| per latent (float32, no autograd)."""
         return self.W_dec.detach().float().norm(dim=1)
 
     def _encode(self, xn: torch.Tensor, *, k: int | None, batch_topk: bool, dead_mask: torch.Tensor | None,
@@ -215,43 +215,20 @@ class SparseAutoencoder(nn.Module):
         Selection runs on a dense pre-activation matrix computed without autograd; the selected values
         get their gradient from ``gathered_relu_linear``, which touches only the selected rows.
         """
-        cfg = self.cfg
+        act = self.activation
+        # The aux-k loss trains dead latents to predict what k selected latents missed: k-based selections only.
+        k_based = act.uses_k and (batch_topk or not act.selects_over_batch)
+        if dead_mask is not None and not k_based:
+            raise ValueError(f"the aux-k loss applies to topk/batchtopk SAEs in training, not "
+                             f"architecture={self.cfg.architecture!r}" + (" at inference" if act.uses_k else ""))
         xc = self._centre(xn)
         with torch.no_grad():
             pre = torch.addmm(self.b_enc, xc.detach(), self.W_enc.t()).relu_()  # [N, L], relu(pre)
-        N, L = pre.shape
-        batch_threshold = None
-        aux = None
-        if cfg.architecture == "topk" or (cfg.architecture == "batchtopk" and batch_topk):
-            k = cfg.k if k is None else int(k)
-            if not 0 < k <= L:
-                raise ValueError(f"k={k} must be in 1..n_latents={L}")
-            with torch.no_grad():
-                score = pre * self._decoder_norms().to(pre.dtype) if cfg.rank_by_decoder_norm else pre
-                if cfg.architecture == "topk":
-                    idx = score.topk(k, dim=1, sorted=False).indices
-                    vals = pre.gather(1, idx)
-                else:
-                    idx, valid, batch_threshold = _batch_topk_indices(score, k)
-                    vals = pre.gather(1, idx) * valid.to(pre.dtype)
-            if dead_mask is not None:
-                aux = self._aux_code(xc, pre, dead_mask, k_aux)
-        else:
-            # Thresholded activations (jumprelu, batchtopk at inference, relu): a variable number of
-            # latents per token, padded to the row maximum with zeros.
-            if k is not None:
-                raise ValueError(f"k applies to topk/batchtopk SAEs, not architecture={cfg.architecture!r}")
-            if dead_mask is not None:
-                raise ValueError(f"the aux-k loss applies to topk/batchtopk SAEs, not architecture={cfg.architecture!r}")
-            with torch.no_grad():
-                if cfg.architecture != "relu":
-                    pre = pre.masked_fill_(pre <= self.threshold, 0)  # compared in float32
-                m = int((pre > 0).sum(1).max()) if N else 0
-                idx = pre.topk(m, dim=1, sorted=False).indices
-                vals = pre.gather(1, idx)
-        values = gathered_relu_linear(xc, self.W_enc, self.b_enc, idx, vals)
-        values = values * (vals > 0).to(values.dtype)  # thresholds and padding; a no-op on the sparse path
-        return SparseCode(values, idx), aux, batch_threshold
+            sel = act.select(self, pre, k, batch_topk)  # thresholds mask pre in place; k-based selections do not
+        aux = self._aux_code(xc, pre, dead_mask, k_aux) if dead_mask is not None else None
+        values = gathered_relu_linear(xc, self.W_enc, self.b_enc, sel.indices, sel.values)
+        values = values * (sel.values > 0).to(values.dtype)  # thresholds and padding; a no-op on the sparse path
+        return SparseCode(values, sel.indices), aux, sel.batch_threshold
 
     def _aux_code(self, xc: torch.Tensor, pre: torch.Tensor, dead_mask: torch.Tensor, k_aux: int) -> SparseCode | None:
         """The top ``k_aux`` relu pre-activations among dead latents, for every token (OpenAI's aux-k).
@@ -360,7 +337,7 @@ class SparseAutoencoder(nn.Module):
         flat = self.flatten(x)
         xn, stats = self.normalize(flat)
         k_aux = self.cfg.d_model // 2 if k_aux is None else int(k_aux)
-        batch_topk = self.cfg.architecture == "batchtopk" and self.training
+        batch_topk = self.activation.selects_over_batch and self.training
         code, aux_code, batch_threshold = self._encode(xn, k=k, batch_topk=batch_topk, dead_mask=dead_mask,
                                                        k_aux=k_aux)
         if batch_threshold is not None:
@@ -381,10 +358,8 @@ class SparseAutoencoder(nn.Module):
             e_hat = self.decode_normalized(aux_code, bias=False).float()  # the residual has no b_pre in it
             denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
             aux_loss = (e_hat - residual).pow(2).sum() / denom
-        l1 = zero
-        if self.cfg.architecture == "relu":
-            norms = self.W_dec.float().norm(dim=1)  # differentiable: the penalty also shapes the decoder
-            l1 = (code.values.float() * norms[code.indices]).sum(-1).mean()
+        penalty = self.activation.penalty(self, code.values, code.indices)
+        l1 = zero if penalty is None else penalty
         loss = mse + aux_coeff * aux_loss + l1_coeff * l1
         fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=flat.device)
         fired[code.indices[code.values > 0]] = True
@@ -399,7 +374,7 @@ class SparseAutoencoder(nn.Module):
         # threshold / ||W_dec[i]|| in activation units.
         t = torch.full_like(self.threshold, batch_threshold)
         if self.cfg.rank_by_decoder_norm:
-            t = t / self._decoder_norms().clamp_min(1e-12).to(t.device)
+            t = t / self.decoder_norms().clamp_min(1e-12).to(t.device)
         n = int(self.threshold_updates)
         # Bias-corrected average: exact mean for the first 1/(1-momentum) steps, then an EMA.
         beta = max(1.0 - momentum, 1.0 / (n + 1))
@@ -442,28 +417,6 @@ class SparseAutoencoder(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-def _batch_topk_indices(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """BatchTopK: the k * N largest positive scores of the whole batch, as per-row indices [N, m] padded
-    with index 0, a validity mask [N, m], and the smallest kept score."""
-    N, L = score.shape
-    flat = score.reshape(-1).topk(min(k * N, N * L), sorted=False)
-    kept = flat.values > 0
-    pos = flat.indices[kept]
-    threshold = float(flat.values[kept].min()) if bool(kept.any()) else 0.0
-    rows, cols = pos // L, pos % L
-    counts = torch.bincount(rows, minlength=N)
-    m = int(counts.max()) if N else 0
-    order = torch.argsort(rows, stable=True)
-    rows, cols = rows[order], cols[order]
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=score.device) - starts[rows]
-    idx = torch.zeros(N, m, dtype=torch.long, device=score.device)
-    valid = torch.zeros(N, m, dtype=torch.bool, device=score.device)
-    idx[rows, slot] = cols
-    valid[rows, slot] = True
-    return idx, valid, threshold
-
-
 def _cat_codes(codes: list[SparseCode]) -> SparseCode:
     """Stack codes of consecutive token chunks, padding each to the widest with zeros at index 0."""
     m = max(c.values.shape[1] for c in codes)

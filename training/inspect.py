@@ -102,7 +102,7 @@ def understood(sae: SparseAutoencoder) -> dict[str, Any]:
         "code_scale": src.get("code_scale", "this project's codes (relu pre-activations in the normalised space)"),
         "notes": [],
     }
-    if hasattr(sae, "threshold") and c.architecture in ("jumprelu", "batchtopk"):
+    if sae.activation.learns_threshold:
         out["threshold"] = {**_summary(sae.threshold),
                             "space": src.get("threshold_space", "the code, in the normalised space")}
     if src.get("inferred_from_file_name"):

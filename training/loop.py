@@ -31,6 +31,7 @@ from llama3_sae.files import atomic_write_json
 from llama3_sae.prefetch import Prefetcher
 from llama3_sae.sites import parse_site
 from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder, topk_to_jumprelu
+from sae.activations import ACTIVATIONS
 from sae.io import load_state
 from sae.metrics import evaluate_reconstruction
 
@@ -206,7 +207,7 @@ class Trainer:
 
     def sync_after_step(self) -> None:
         """Make rank-local state equal again after an optimizer step."""
-        if self.ctx.distributed and self.cfg.architecture == "batchtopk":
+        if self.ctx.distributed and ACTIVATIONS[self.cfg.architecture].selects_over_batch:
             # Each rank's threshold follows its own batch; their average is the global batch's estimate.
             t = self.sae.threshold
             dist.all_reduce(t)

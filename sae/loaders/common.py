@@ -13,6 +13,7 @@ import torch
 
 from llama3_sae.sites import Site, parse_site, site_name
 
+from ..activations import ACTIVATIONS
 from ..config import DTYPES, SAEConfig
 from ..io import load_state
 from ..model import SparseAutoencoder
@@ -78,7 +79,7 @@ def _build(cfg: SAEConfig, *, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: t
     dt = cfg.torch_dtype
     tensors = {"W_enc": W_enc.to(dt).contiguous(), "b_enc": b_enc.to(dt), "W_dec": W_dec.to(dt).contiguous(),
                "b_pre": b_pre.to(dt)}
-    if cfg.architecture in ("jumprelu", "batchtopk"):
+    if ACTIVATIONS[cfg.architecture].learns_threshold:
         if threshold is None:
             raise ValueError(f"{where}: a {cfg.architecture} SAE needs thresholds")
         # relu(pre) * (pre > t) is the same function for any t < 0 as for t = 0.
