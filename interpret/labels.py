@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import math
 
-import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from rich.console import Console
-from rich.table import Table
 
 from sae.io import is_native_dir
 
-from .batch_client import Estimate, JobRunner, Outcome, Request, RunnerOptions, RunSummary, estimate, make_client
-from .config import InterpretConfig, LLMJobConfig
+from .batch_client import Outcome, Request
+from .config import InterpretConfig
+from .jobs import LLMJob
 from .parsing import ParseError, parse_label
 from .prompts import LABEL_SYSTEM, PromptOptions, label_prompt, message_params
 from .records import LatentExamples, iter_examples, parse_latent_spec, read_examples_meta, read_latents, write_latents
@@ -173,76 +172,6 @@ def heuristic_labels(sae_dir: str | Path, latents: Iterable[int] | None = None, 
 
 
 # ---------------------------------------------------------------------- confirmation
-def show_estimate(console: Console, est: Estimate, *, what: str, mode: str, n_batches: int | None) -> None:
-    table = Table(title=f"{what}: about to send", show_header=False)
-    table.add_row("requests", f"{est.n_requests:,}" + (f" in {n_batches} batch(es)" if n_batches else ""))
-    table.add_row("mode", mode)
-    table.add_row("input tokens", f"{est.input_tokens:,} ({est.input_method})")
-    table.add_row("output tokens", f"≈{est.output_tokens_expected:,} expected, at most {est.output_tokens_max:,}")
-    cost_exp, cost_max = est.cost(est.output_tokens_expected), est.cost(est.output_tokens_max)
-    if cost_exp is None:
-        table.add_row("cost", est.price_note)
-    else:
-        table.add_row("cost", f"≈${cost_exp:,.2f} expected, at most ${cost_max:,.2f} ({est.price_note})")
-    console.print(table)
-
-
-def make_confirm(console: Console, cfg: LLMJobConfig, client: Any, what: str,
-                 n_batches_of: Callable[[list[Request]], int]) -> Callable[[list[Request]], bool]:
-    """The confirmation step: estimate, table, then --yes, a y/N question, or (no terminal) a clear refusal."""
-    def confirm(pending: list[Request]) -> bool:
-        est = estimate(client, pending, model=cfg.model, batch=not cfg.sync, sample=cfg.count_tokens_sample,
-                       expected_output_tokens=cfg.expected_output_tokens, price_in=cfg.price_input_per_mtok,
-                       price_out=cfg.price_output_per_mtok)
-        mode = "synchronous messages.create (full price)" if cfg.sync else "Message Batches (50% price, up to 24 h)"
-        show_estimate(console, est, what=what, mode=mode, n_batches=None if cfg.sync else n_batches_of(pending))
-        if cfg.yes:
-            return True
-        if not sys.stdin.isatty():
-            raise SystemExit(f"not sending {len(pending)} requests: there is no terminal to confirm on; pass --yes "
-                             "to send without asking")
-        answer = console.input("Send? [y/N] ").strip().lower()
-        if answer not in ("y", "yes"):
-            console.print("nothing sent")
-            return False
-        return True
-
-    return confirm
-
-
-def runner_options(cfg: LLMJobConfig) -> RunnerOptions:
-    return RunnerOptions(max_requests_per_batch=cfg.max_requests_per_batch, max_batch_mb=cfg.max_batch_mb,
-                         poll_interval_s=cfg.poll_interval_s, max_attempts=cfg.max_attempts,
-                         retry_failed=cfg.retry_failed, progress=cfg.progress)
-
-
-def check_sync_limit(cfg: LLMJobConfig, n: int) -> None:
-    if cfg.sync and n > cfg.sync_limit:
-        raise ValueError(f"--sync would send {n} requests one by one (limit {cfg.sync_limit}); use batches (drop "
-                         "--sync, half the price), choose fewer --latents, or raise --sync-limit")
-
-
-def print_summary(console: Console, summary: RunSummary, what: str, failures: list[dict[str, Any]],
-                  results_path: Path) -> None:
-    console.print(f"{what}: {summary.ok:,} ok, {summary.failed:,} failed; sent {summary.sent:,} requests in this run"
-                  + (f" ({summary.batches_created} new batch(es))" if summary.batches_created else "")
-                  + (f"; replies read: {summary.input_tokens:,} input / {summary.output_tokens:,} output tokens"
-                     if summary.input_tokens or summary.output_tokens else ""))
-    if failures:
-        console.print(f"[yellow]{len(failures)} failed (details and raw replies in {results_path}; "
-                      "--retry-failed sends them again):[/]")
-        for r in failures[:10]:
-            why = r.get("error") if isinstance(r.get("error"), str) else (r.get("error") or {}).get("type", r["status"])
-            console.print(f"  latent {r['custom_id']}: {r['status']}: {why}")
-        if len(failures) > 10:
-            console.print(f"  ... and {len(failures) - 10} more")
-
-
-def final_failures(runner: JobRunner, custom_ids: Iterable[str]) -> list[dict[str, Any]]:
-    return [s.last for s in runner.statuses(custom_ids).values()
-            if s.done and s.last is not None and s.last.get("status") != "ok"]
-
-
 # ---------------------------------------------------------------------- the command
 def run_interpret(cfg: InterpretConfig, *, console: Console | None = None, client: Any = None) -> int:
     """Label the selected latents; returns the process exit code (0 when every request ended ok)."""
@@ -263,22 +192,13 @@ def run_interpret(cfg: InterpretConfig, *, console: Console | None = None, clien
     if not requests:
         console.print("no latents to label")
         return 0
-    check_sync_limit(cfg, len(requests))
-    client = client if client is not None else make_client(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s)
-    runner = JobRunner(client, cfg.workdir, "labels", runner_options(cfg), console=console, redo=cfg.redo)
-    confirm = make_confirm(console, cfg, client, "labels", lambda p: len(runner.chunks(p)))
-    if cfg.sync:
-        summary = runner.run_sync(requests, handle_label_reply, confirm)
-    else:
-        summary = runner.run_batches(requests, handle_label_reply, confirm)
+    job = LLMJob(cfg, "labels", "labels", len(requests), console, client)
+    summary = job.run(requests, handle_label_reply)
     # Merge whatever is parsed, also after an abort: earlier runs' labels may be waiting in the log.
-    hist = runner.results.history(runner.generation)
-    ok = [recs[-1] for recs in hist.values() if recs and recs[-1].get("status") == "ok"]
-    changed = merge_labels(cfg.sae, ok, cfg.model)
+    changed = merge_labels(cfg.sae, job.ok_records(), cfg.model)
     if summary.aborted:
         return 1
-    failures = final_failures(runner, [r.custom_id for r in requests])
-    print_summary(console, summary, "labels", failures, runner.results.path)
+    failures = job.finish(summary, requests)
     console.print(f"{changed:,} labels written to {cfg.sae / 'latents.jsonl'}")
     return 0 if not failures else 3
 

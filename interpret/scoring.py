@@ -22,9 +22,9 @@ from rich.table import Table
 
 from llama3_sae.files import atomic_path
 
-from .batch_client import JobRunner, Outcome, Request, make_client
+from .batch_client import Outcome, Request
 from .config import ScoreConfig
-from .labels import check_sync_limit, final_failures, make_confirm, print_summary, runner_options
+from .jobs import LLMJob
 from .parsing import ParseError, parse_detection
 from .prompts import DETECTION_SYSTEM, detection_items, detection_prompt, message_params
 from .records import iter_examples, parse_latent_spec, read_examples_meta, read_latents, write_latents
@@ -152,9 +152,8 @@ def run_score(cfg: ScoreConfig, *, console: Console | None = None, client: Any =
     if not requests:
         console.print("no latents to score")
         return 0
-    check_sync_limit(cfg, len(requests))
-    client = client if client is not None else make_client(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s)
-    runner = JobRunner(client, cfg.workdir, "score", runner_options(cfg), console=console, redo=cfg.redo)
+    job = LLMJob(cfg, "score", "detection scoring", len(requests), console, client)
+    runner = job.runner
     # A score measures one label: latents relabelled since their last score (or asked with a different
     # question) are asked again.
     by_id = {r.custom_id: r for r in requests}
@@ -166,16 +165,11 @@ def run_score(cfg: ScoreConfig, *, console: Console | None = None, client: Any =
             changed.append(cid)
     if changed:
         runner.reset(changed, "label or question changed since the last score")
-    confirm = make_confirm(console, cfg, client, "detection scoring", lambda p: len(runner.chunks(p)))
-    run = runner.run_sync if cfg.sync else runner.run_batches
-    summary = run(requests, handle_detection_reply, confirm)
-    hist = runner.results.history(runner.generation)
-    ok = [recs[-1] for recs in hist.values() if recs and recs[-1].get("status") == "ok"]
-    written, stale = merge_scores(cfg.sae, ok)
+    summary = job.run(requests, handle_detection_reply)
+    written, stale = merge_scores(cfg.sae, job.ok_records())
     if summary.aborted:
         return 1
-    failures = final_failures(runner, [r.custom_id for r in requests])
-    print_summary(console, summary, "detection scoring", failures, runner.results.path)
+    failures = job.finish(summary, requests)
     # The summary covers every current score in latents.jsonl, not just this run's.
     current = read_latents(cfg.sae)
     scores, by_source = [], {}

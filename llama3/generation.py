@@ -145,32 +145,12 @@ class Llama:
                stop_tokens: Sequence[int] | None = None) -> Iterator[StreamStep]:
         """Generate from token prompts, yielding one ``StreamStep`` per position advanced."""
         model, tok = self.model, self.tokenizer
-        shape = model.cache_shape
-        if shape is None:
-            raise ValueError("the model has no KV cache; build it with Llama.build or call model.setup_cache()")
-        max_batch, max_seq_len = shape
         B = len(prompt_tokens)
         if B == 0:
             return
-        if B > max_batch:
-            raise ValueError(f"{B} prompts exceed max_batch_size={max_batch}; pass fewer prompts or build "
-                             f"with a larger max_batch_size")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         lengths = [len(p) for p in prompt_tokens]
-        for i, n in enumerate(lengths):
-            if n == 0:
-                raise ValueError(f"prompt {i} is empty; text prompts get a BOS token, token prompts need >= 1 id")
-            if n >= max_seq_len:
-                raise ValueError(f"prompt {i} has {n} tokens, which leaves no room to generate within "
-                                 f"max_seq_len={max_seq_len}; shorten it or build with a larger max_seq_len")
-        if max_gen_len is None:
-            max_gen_len = max_seq_len - 1
-        if max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
-        total_len = min(max_seq_len, max(lengths) + max_gen_len)
+        total_len, max_gen_len = self._check_request(lengths, temperature, top_p, max_gen_len)
+        max_seq_len = model.cache_shape[1]
         stops = set(stop_tokens if stop_tokens is not None else tok.stop_tokens)
 
         device = model.tok_embeddings.weight.device
@@ -185,16 +165,7 @@ class Llama:
 
         prev_pos = 0
         for cur_pos in range(min(lengths), total_len):
-            chunk = tokens[:, prev_pos:cur_pos]
-            if self._decode_step is not None and chunk.shape[1] == 1:
-                # A fresh [B, 1] tensor: the slice's row stride is total_len, and torch.compile guards on
-                # strides, so passing the slice would recompile for every new prompt/generation length.
-                step_input = torch.empty((B, 1), dtype=chunk.dtype, device=device).copy_(chunk)
-                logits = self._decode_step(step_input, torch.tensor(prev_pos, device=device))
-            else:
-                forward = self._prefill if self._prefill is not None else model
-                logits = forward(chunk, prev_pos, last_only=True)
-            logits = logits[:, -1]
+            logits = self._next_logits(tokens[:, prev_pos:cur_pos], prev_pos)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
             in_prompt = cur_pos < lengths_t
@@ -233,6 +204,45 @@ class Llama:
                 yield StreamStep(deltas, step_tokens, [True] * B, completions)
                 return
             yield StreamStep(deltas, step_tokens, done)
+
+    def _check_request(self, lengths: list[int], temperature: float, top_p: float, max_gen_len: int | None
+                       ) -> tuple[int, int]:
+        """Validate a generation request against the KV cache; (total length, max new tokens)."""
+        shape = self.model.cache_shape
+        if shape is None:
+            raise ValueError("the model has no KV cache; build it with Llama.build or call model.setup_cache()")
+        max_batch, max_seq_len = shape
+        if len(lengths) > max_batch:
+            raise ValueError(f"{len(lengths)} prompts exceed max_batch_size={max_batch}; pass fewer prompts or build "
+                             f"with a larger max_batch_size")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        for i, n in enumerate(lengths):
+            if n == 0:
+                raise ValueError(f"prompt {i} is empty; text prompts get a BOS token, token prompts need >= 1 id")
+            if n >= max_seq_len:
+                raise ValueError(f"prompt {i} has {n} tokens, which leaves no room to generate within "
+                                 f"max_seq_len={max_seq_len}; shorten it or build with a larger max_seq_len")
+        if max_gen_len is None:
+            max_gen_len = max_seq_len - 1
+        if max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        return min(max_seq_len, max(lengths) + max_gen_len), max_gen_len
+
+    def _next_logits(self, chunk: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """The logits [B, vocab] after ``chunk`` (tokens from ``start_pos``): the compiled one-token step when
+        there is one, else the (compiled) prefill or the model."""
+        if self._decode_step is not None and chunk.shape[1] == 1:
+            # A fresh [B, 1] tensor: the slice's row stride is total_len, and torch.compile guards on
+            # strides, so passing the slice would recompile for every new prompt/generation length.
+            step_input = torch.empty(chunk.shape, dtype=chunk.dtype, device=chunk.device).copy_(chunk)
+            logits = self._decode_step(step_input, torch.tensor(start_pos, device=chunk.device))
+        else:
+            forward = self._prefill if self._prefill is not None else self.model
+            logits = forward(chunk, start_pos, last_only=True)
+        return logits[:, -1]
 
     def generate(self, prompt_tokens: Sequence[Sequence[int]], **kwargs) -> list[Completion]:
         result: list[Completion] = []
