@@ -8,3 +8,18 @@ _TESTS = Path(__file__).resolve().parent
 for _path in (str(_TESTS), str(_TESTS.parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: tiny models run fastest on one, a busy 2-core machine's
+    threads otherwise stall each other, and a CPU matmul's rounding depends on the thread count (tests that
+    compare bit for bit across processes pin it in the child too). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,18 +17,10 @@ from apps.engine import Engine, ModelOptions, Sampling, apply_edits  # noqa: E40
 from apps.latents import UNLABELLED, LatentCatalog, read_max_activations  # noqa: E402
 from sae import Edit, SAEConfig, SparseAutoencoder, load_sae, steer_fn  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["The delegates gathered at the", "Hello"]
 GREEDY = Sampling(temperature=0.0, top_p=0.9, seed=None, max_new_tokens=6)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's matrices are too small to gain from a second thread, and on a busy 2-core machine
-    # the threads' synchronisation makes everything several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

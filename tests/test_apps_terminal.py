@@ -16,17 +16,9 @@ from apps.cli import main  # noqa: E402
 from apps.engine import Engine, ModelOptions, Sampling  # noqa: E402
 from sae import Edit  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPTS = ["The delegates gathered at the", "Hello"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's matrices are too small to gain from a second thread, and on a busy 2-core machine
-    # the threads' synchronisation makes everything several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import socket
 import threading
 
 import pytest
-import torch
 
 pytest.importorskip("llama_models")
 
@@ -18,20 +17,12 @@ from apps.engine import Engine, Sampling  # noqa: E402
 from apps.web import SessionState, UiConfig, WebApp, parse_prompts  # noqa: E402
 from sae import Edit  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 GREEDY = Sampling(temperature=0.0, top_p=0.9, seed=None, max_new_tokens=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tiny model's matrices are too small to gain from a second thread, and on a busy 2-core machine
-    # the threads' synchronisation makes everything several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

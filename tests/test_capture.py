@@ -21,7 +21,8 @@ from llama3.args import ModelArgs
 from llama3.checkpoint import load_model
 from llama3.tokenizer import ChatFormat, Tokenizer
 
-pytestmark = pytest.mark.skipif(LLAMA3_TOKENIZER_PATH is None, reason="needs llama-models' tokenizer.model")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(LLAMA3_TOKENIZER_PATH is None, reason="needs llama-models' tokenizer.model")]
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCES = REPO / "capture" / "data" / "sentences.txt"
@@ -32,15 +33,6 @@ def _args() -> ModelArgs:
     # The real 128,256-token vocabulary (the real tokenizer), tiny widths.
     return ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=128256,
                      rope_scaling_factor=32.0, tie_word_embeddings=True, max_seq_len=256)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run fastest on one thread, and the test machine's cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,24 +20,14 @@ from interpret.examples import TopExamplesConfig, hash_keys, merge_top, run_top_
 from interpret.records import AGGREGATIONS, iter_examples
 from llama3.args import ModelArgs
 
-pytestmark = pytest.mark.skipif(LLAMA3_TOKENIZER_PATH is None, reason="needs llama-models' tokenizer.model")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(LLAMA3_TOKENIZER_PATH is None, reason="needs llama-models' tokenizer.model")]
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCES = REPO / "capture" / "data" / "sentences.txt"
 N_DOCS = 96
 N_LATENTS = 256
 DEAD = 255
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Results are compared bit for bit across processes (the SIGKILL test's CLI child against the in-process
-    # uninterrupted run), and a CPU matmul's rounding depends on the intra-op thread count: pin it here and in
-    # the child (OMP_NUM_THREADS=1) rather than inherit whatever count earlier tests left this process at.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,10 @@ from training.logging import read_metrics
 from training.loop import Trainer
 from training.synthetic import sparse_dictionary_data, write_store
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 D, N_LATENTS = 16, 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,14 @@ from sae import SAEConfig, SparseAutoencoder
 from sae.metrics import downstream_loss, evaluate_reconstruction
 from training.cli import main_eval
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["The delegates gathered at the conference hall long before the morning session began.",
          "Senior diplomats met.",
          "Humanitarian staff coordinated their efforts with local volunteers to distribute food and clean water.",
          "A vote was postponed after two members asked for more time to read the draft resolution.",
          "Rain.",
          "Foreign officials released a statement calling for an immediate ceasefire along the border."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,9 @@ from sae import SAEConfig, SparseAutoencoder, load_sae
 from training.cli import main_train
 from training.synthetic import sparse_dictionary_data, write_store
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D_MODEL, N_FEATURES, ACTIVE = 64, 256, 4
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _recovered(W_dec: torch.Tensor, dictionary: torch.Tensor, threshold: float = 0.9) -> float:

@@ -24,16 +24,9 @@ from training.logging import read_metrics, truncate_metrics
 from training.loop import Trainer, lr_factor
 from training.synthetic import sparse_dictionary_data, write_store
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D, N_LATENTS = 16, 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine is small and shared: one intra-op thread avoids oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
