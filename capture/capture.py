@@ -42,7 +42,7 @@ from llama3.model import Transformer, site_name
 
 from .batching import EncodedDoc, collate, encode_window, plan_batches
 from .config import DTYPES, CaptureConfig
-from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files
+from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files, skip_documents
 from .store import DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, read_manifest, shard_name, write_manifest
 from .writer import WriterSpec, new_progress, writer_main
 
@@ -208,10 +208,7 @@ def _windows(cfg: CaptureConfig, docs: Iterator[Any], skip: int, tokenizer: Any,
     """Skip the ``skip`` documents already committed, then yield windows of about ``bucket_tokens``.
     Window boundaries depend only on the documents from the previous boundary on, so a resumed run
     (which starts at a committed boundary) cuts the same windows as an uninterrupted one."""
-    for _ in range(skip):
-        if next(docs, None) is None:
-            raise ValueError(f"the input has fewer documents than the {skip} this rank already captured; the data "
-                             "under --data changed since the capture started. Delete OUT to start over.")
+    docs = skip_documents(docs, skip, "Delete OUT to start over.")
     window = _Window([], {"docs": 0})
     n_tokens = 0
     for doc in docs:

@@ -355,3 +355,25 @@ def rank_documents(docs: Iterator[Document], rank: int, world: int) -> Iterator[
     for doc in docs:
         if doc.doc_id % world == rank:
             yield doc
+
+
+def skip_documents(docs: Iterator[Any], n: int, fix: str) -> Iterator[Any]:
+    """``docs`` after the first ``n`` (what an interrupted run already committed). Fewer than ``n`` means the
+    data changed since: a ValueError that says so and what to do (``fix``)."""
+    for _ in range(n):
+        if next(docs, None) is None:
+            raise ValueError(f"the input has fewer documents than the {n} the interrupted run already read: the "
+                             f"data under --data changed since. {fix}")
+    return docs
+
+
+def document_windows(docs: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive windows of ``size`` documents (the last may be shorter): bounded memory over any input."""
+    window: list[Any] = []
+    for doc in docs:
+        window.append(doc)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window

@@ -49,7 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from capture.batching import collate, encode_window, plan_batches
 from capture.config import SourceOptions
-from capture.sources import count_records, iter_documents, resolve_files
+from capture.sources import count_records, document_windows, iter_documents, resolve_files, skip_documents
 from llama3.chat_template import chat_format_for
 from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
 from llama3_sae.config import config_identity, save_config, to_jsonable
@@ -353,19 +353,8 @@ def load_everything(cfg: TopExamplesConfig, console: Any = None) -> _Loaded:
 def _windows(cfg: TopExamplesConfig, skip: int) -> Iterator[list[Any]]:
     """Windows of ``window_docs`` documents from document ``skip`` on (a window boundary)."""
 
-    docs = iter_documents(cfg)
-    for _ in range(skip):
-        if next(docs, None) is None:
-            raise ValueError(f"the input has fewer documents than the {skip} the interrupted run already read; "
-                             "the data under --data changed since. Rerun with --overwrite to start over")
-    window: list[Any] = []
-    for doc in docs:
-        window.append(doc)
-        if len(window) == cfg.window_docs:
-            yield window
-            window = []
-    if window:
-        yield window
+    docs = skip_documents(iter_documents(cfg), skip, "Rerun with --overwrite to start over.")
+    yield from document_windows(docs, cfg.window_docs)
 
 
 def _batches(window: list[Any], cfg: TopExamplesConfig, lo: _Loaded, counters: dict[str, int]):

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from capture.batching import collate, encode_window
 from capture.config import SourceConfig
-from capture.sources import iter_documents
+from capture.sources import document_windows, iter_documents
 from llama3.checkpoint import load_model, load_tokenizer, resolve_checkpoint
 from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_write_json
@@ -105,6 +105,27 @@ class EvalConfig:
         return [s.strip() for s in self.sites.split(",") if s.strip()]
 
 
+def _eval_batch(model: Any, saes: list, part: list, pad_id: int, device: torch.device,
+                recon: list[ReconstructionStats], ce: dict[str, list]) -> None:
+    """One batch of documents: the clean loss, each SAE's reconstruction statistics at its site, and the loss
+    with each SAE spliced in and with its site zero-ablated."""
+    batch = collate(part, pad_id=pad_id, skip_first=[False] * len(part))
+    tokens, keep = batch.tokens.to(device), batch.keep.to(device)
+    # Reconstruction is measured on the rows the SAE was trained on: without the first-token sinks.
+    recon_keep = keep.clone()
+    recon_keep[:, 0] = False
+    with model.hooks([sae.cfg.site for sae in saes]):
+        _add(ce["clean"], _ce_sum(model(tokens), tokens, keep))
+        acts = dict(model.activations)
+    for i, sae in enumerate(saes):
+        rows_kept = recon_keep if sae.cfg.first_token_excluded is not False else keep
+        target = acts[sae.cfg.output_site][rows_kept] if sae.cfg.is_transcoder else None
+        recon[i].update(acts[sae.cfg.input_site][rows_kept], target)
+        for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
+            with model.hooks((), sae_hooks(sae, model, mode=mode)):
+                _add(ce[key], _ce_sum(model(tokens), tokens, keep))
+
+
 def _recon_fields(acc: ReconstructionStats) -> dict[str, float]:
     r = acc.report()
     return {"l0": r.l0, "mse": r.mse, "explained_variance": r.explained_variance, "dead_fraction": r.dead_fraction,
@@ -122,8 +143,7 @@ def _ce_sum(logits: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> t
 
 @torch.no_grad()
 def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
-
-
+    """Every SAE of ``cfg`` over the held-out documents; writes eval.json (and eval.png) and returns the report."""
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device, 0)
@@ -149,37 +169,26 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
     bos, note = resolve_bos(cfg.bos, saes[0].cfg, tokenizer)
     if note:
         console.print(note)
-    docs = list(iter_documents(SourceConfig(data=cfg.data, text_field=cfg.text_field, limit=cfg.limit)))
-    if not docs:
-        raise ValueError(f"--data {', '.join(map(str, cfg.data))}: no documents found")
     counters: dict[str, int] = {}
-    encoded = encode_window(docs, tokenizer, None, bos=bos, max_tokens=cfg.max_tokens, counters=counters)
     recon = [ReconstructionStats(s) for s in saes]
     ce = {"clean": [0.0, 0], **{f"sae{i}": [0.0, 0] for i in range(len(saes))},
           **{f"zero{i}": [0.0, 0] for i in range(len(saes))}}
     progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=not console.is_terminal)
+    n_docs = 0
+    docs = iter_documents(SourceConfig(data=cfg.data, text_field=cfg.text_field, limit=cfg.limit))
     with progress:
-        task = progress.add_task("eval", total=len(encoded))
-        for start in range(0, len(encoded), cfg.batch_size):
-            part = encoded[start:start + cfg.batch_size]
-            batch = collate(part, pad_id=tokenizer.pad_id or 0, skip_first=[False] * len(part))
-            tokens, keep = batch.tokens.to(device), batch.keep.to(device)
-            # Reconstruction is measured on the rows the SAE was trained on: without the first-token sinks.
-            recon_keep = keep.clone()
-            recon_keep[:, 0] = False
-            model.set_hooks(sites, {})
-            _add(ce["clean"], _ce_sum(model(tokens), tokens, keep))
-            acts = dict(model.activations)
-            for i, sae in enumerate(saes):
-                rows_kept = recon_keep if sae.cfg.first_token_excluded is not False else keep
-                target = acts[sae.cfg.output_site][rows_kept] if sae.cfg.is_transcoder else None
-                recon[i].update(acts[sae.cfg.input_site][rows_kept], target)
-                for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
-                    model.set_hooks((), sae_hooks(sae, model, mode=mode))
-                    _add(ce[key], _ce_sum(model(tokens), tokens, keep))
-            progress.advance(task, len(part))
-    model.set_hooks((), {})
+        task = progress.add_task("eval", total=cfg.limit)
+        # Windows of documents, tokenised as they come: memory stays bounded whatever --limit is.
+        for window in document_windows(docs, 16 * cfg.batch_size):
+            encoded = encode_window(window, tokenizer, None, bos=bos, max_tokens=cfg.max_tokens, counters=counters)
+            n_docs += len(encoded)
+            for start in range(0, len(encoded), cfg.batch_size):
+                part = encoded[start:start + cfg.batch_size]
+                _eval_batch(model, saes, part, tokenizer.pad_id or 0, device, recon, ce)
+            progress.advance(task, len(window))
+    if n_docs == 0:
+        raise ValueError(f"--data {', '.join(map(str, cfg.data))}: no documents found")
     clean = ce["clean"][0] / max(ce["clean"][1], 1)
     rows = []
     for i, (path, sae) in enumerate(zip(cfg.sae, saes)):
@@ -193,7 +202,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
                      "n_latents": sae.cfg.n_latents, "k": sae.cfg.k, **_recon_fields(recon[i]), "clean_loss": clean,
                      "sae_loss": with_sae, "zero_ablation_loss": zero, "delta_lm_loss": with_sae - clean,
                      "fidelity": fidelity, "loss_recovered": 1 - fidelity})
-    report = {"model": str(ckpt), "data": [str(p) for p in cfg.data], "documents": len(encoded),
+    report = {"model": str(ckpt), "data": [str(p) for p in cfg.data], "documents": n_docs,
               "tokens": recon[0].n_tokens, "predicted_tokens": ce["clean"][1], "bos": bos, "max_tokens": cfg.max_tokens,
               "truncated_docs": counters.get("truncated_docs", 0),
               "truncated_tokens": counters.get("truncated_tokens", 0), "empty_docs": counters.get("empty_docs", 0),
