@@ -387,6 +387,18 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
+    def fold_decoder_norms_(self) -> None:
+        """Give every decoder row unit norm without changing what the SAE computes: h_i W_dec_i =
+        (n_i h_i)(W_dec_i / n_i), so latent i's encoder row, bias and threshold are scaled by n_i (for the
+        same selection; decoder-norm ranking ranks the same). Codes are then n_i times larger."""
+        norms = self.W_dec.float().norm(dim=1).clamp_min(1e-12)
+        self.W_dec.copy_((self.W_dec.float() / norms[:, None]).to(self.W_dec.dtype))
+        self.W_enc.copy_((self.W_enc.float() * norms[:, None]).to(self.W_enc.dtype))
+        self.b_enc.copy_((self.b_enc.float() * norms).to(self.b_enc.dtype))
+        if self.activation.learns_threshold:
+            self.threshold.mul_(norms.to(self.threshold.device))
+
+    @torch.no_grad()
     def project_decoder_grad_(self) -> None:
         """Remove from each latent's decoder gradient its component along that latent's decoder vector,
         so a step moves along the unit sphere. Call between backward and the optimizer step."""

@@ -395,3 +395,25 @@ def test_inference_encodes_in_chunks_with_the_same_result(monkeypatch, activatio
         torch.testing.assert_close(code.to_dense(L), whole_h, rtol=1e-6, atol=1e-6)
         assert torch.equal(sae.encode(x) != 0, whole_h != 0)
         torch.testing.assert_close(sae.reconstruct(x), whole_x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu", "batchtopk", "relu"])
+def test_folding_decoder_norms_keeps_the_function(activation):
+    k = 4 if activation in ("topk", "batchtopk") else None
+    sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=48, architecture=activation, k=k, normalization="dataset",
+                                      rank_by_decoder_norm=activation == "topk"), seed=2)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(48, 1, generator=g) * 2 + 0.3)
+        sae.b_enc.copy_(torch.randn(48, generator=g) * 0.1)
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(48, generator=g) * 0.2)
+    sae.set_dataset_norm(3.0, 2.0)
+    sae.eval()
+    x = torch.randn(64, D, generator=g) * 2
+    before = sae.reconstruct(x)
+    active = sae.encode(x) > 0
+    sae.fold_decoder_norms_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), rtol=1e-5, atol=1e-5)
+    assert torch.equal(sae.encode(x) > 0, active)
+    torch.testing.assert_close(sae.reconstruct(x), before, rtol=1e-4, atol=1e-5)

@@ -624,13 +624,7 @@ class Trainer:
         sae = SparseAutoencoder(self.sae_cfg, seed=None)
         load_state(sae, {k: v.detach().cpu() for k, v in state.items()}, where="trained SAE")
         if self.ema is not None:
-            with torch.no_grad():
-                # h_i W_dec_i = (h_i n_i)(W_dec_i / n_i): scaling latent i's encoder row and bias by n_i keeps
-                # every reconstruction (for the same selection) with a unit-norm decoder row.
-                norms = sae.W_dec.norm(dim=1).clamp_min(1e-12)
-                sae.W_dec.div_(norms[:, None])
-                sae.W_enc.mul_(norms[:, None])
-                sae.b_enc.mul_(norms)
+            sae.fold_decoder_norms_()  # an average of unit-norm rows is shorter than unit
         return sae
 
     def _finish(self, log: MetricsLog | None) -> dict[str, Any]:
