@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,20 +29,18 @@ from llama3_sae.dist import DistContext
 from llama3_sae.files import atomic_write_json
 from llama3_sae.prefetch import Prefetcher
 from llama3_sae.sites import parse_site
-from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder, topk_to_jumprelu
+from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder
 from sae.activations import ACTIVATIONS
 from sae.io import load_state
-from sae.metrics import evaluate_reconstruction
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import StoreRows, TrainStream, val_batches
+from .outputs import SUMMARY_FILE, decide_out, write_jumprelu
 from .logging import METRICS_FILE, MetricsLog, TrainDisplay, plot_training_curves, read_metrics
 
-SUMMARY_FILE = "metrics_summary.json"
 CONFIG_FILE = "train_config.json"
 PLOT_FILE = "plots/training_curves.png"
-JUMPRELU_DIR = "jumprelu"
 B_PRE_SAMPLE_ROWS = 65536
 """Training rows used to set b_pre when it cannot come from the store statistics (per-token normalisation)."""
 
@@ -473,35 +470,13 @@ class Trainer:
         root = ckpt.checkpoint_root(self.out)
         decision: tuple[str, str] = ("ok", "")
         if self.ctx.is_main:
-            decision = self._decide(root)
+            decision = decide_out(self.out, self.cfg, root)
         decision = self.ctx.broadcast_object(decision)
         if decision[0] == "error":
             raise ValueError(decision[1])
         latest = decision[1] or None
         self.ctx.barrier()
         return Path(latest) if latest else None
-
-    def _decide(self, root: Path) -> tuple[str, str]:
-        cfg = self.cfg
-        if self.out.exists() and not self.out.is_dir():
-            return "error", f"--out {self.out} exists and is not a directory"
-        if cfg.overwrite and self.out.exists():
-            for name in (ckpt.CHECKPOINTS, METRICS_FILE, SUMMARY_FILE, JUMPRELU_DIR, "plots", "config.json",
-                         "sae.safetensors"):
-                p = self.out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink(missing_ok=True)
-        latest = ckpt.latest_checkpoint(root)
-        if latest is not None and not cfg.resume:
-            return "error", (f"{self.out} holds checkpoints of an earlier run; resume it (leave out --no-resume) or "
-                             "pass --overwrite to start over")
-        if latest is None and (self.out / "sae.safetensors").exists():
-            return "error", (f"{self.out} already holds an SAE and no checkpoints to resume; pass --overwrite to "
-                             "replace it or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
-        return "ok", str(latest) if latest is not None else ""
 
     # ================================================================== the run
     def run(self) -> TrainResult:
@@ -661,7 +636,7 @@ class Trainer:
                 "sae_config": sae.cfg.to_dict(),
             }
             if cfg.jumprelu:
-                summary["jumprelu"] = self._write_jumprelu(sae)
+                summary["jumprelu"] = write_jumprelu(sae, self.rows, self.stream, self.cfg, self.out, self.console)
             if cfg.plots:
                 try:
                     summary["plot"] = str(plot_training_curves(records, self.out / PLOT_FILE))
@@ -671,21 +646,6 @@ class Trainer:
             atomic_write_json(self.out / SUMMARY_FILE, summary, indent=2)
         self.ctx.barrier()
         return summary
-
-    def _write_jumprelu(self, sae: SparseAutoencoder) -> dict[str, Any]:
-        """JumpReLU thresholds fitted on training rows (stream order, so reproducible), scored on the held-out rows."""
-        n = min(self.cfg.jumprelu_rows, self.rows.num_train_rows)
-        ids = self.stream.stream_ids(0, n)
-        fit = [self.rows.gather(ids[i:i + self.cfg.batch_size]).float() for i in range(0, n, self.cfg.batch_size)]
-        jump = topk_to_jumprelu(sae, fit)
-        path = self.out / JUMPRELU_DIR
-        jump.save(path)
-        report = evaluate_reconstruction(jump, val_batches(self.rows, self.cfg.batch_size))
-        scores = {k: v for k, v in report.as_dict().items() if k != "density_histogram"}
-        out = {"path": str(path), "fit_rows": n, **scores}
-        self.console.print(f"saved the JumpReLU conversion to {path}: val L0 {report.l0:.1f}, explained variance "
-                           f"{report.explained_variance:.4f}", highlight=False)
-        return out
 
 
 def transcoder_site(input_site: str, target_site: str) -> str:
