@@ -10,7 +10,8 @@ from typing import Any, Callable, Iterable
 from rich.console import Console
 from rich.table import Table
 
-from .batch_client import Estimate, JobRunner, Request, RunnerOptions, RunSummary, estimate, make_client
+from .batch_client import JobRunner, Request, RunnerOptions, RunSummary, make_client
+from .cost import Estimate, estimate
 from .config import LLMJobConfig
 
 
