@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import os
-import queue
 import shutil
 import threading
 import time
@@ -44,7 +43,7 @@ from .batching import EncodedDoc, collate, encode_window, plan_batches
 from .config import DTYPES, CaptureConfig
 from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files, skip_documents
 from .store import DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, read_manifest, shard_name, write_manifest
-from .writer import WriterSpec, new_progress, writer_main
+from .writer import Outbox, WriterHandle, WriterSpec, new_progress
 
 STATE_DIR = ".capture"
 PARTS_DIR = ".parts"
@@ -224,100 +223,6 @@ def _windows(cfg: CaptureConfig, docs: Iterator[Any], skip: int, tokenizer: Any,
         yield window
 
 
-# --------------------------------------------------------------------------- writer handle
-class _WriterHandle:
-    def __init__(self, spec: WriterSpec, depth: int):
-        ctx = torch.multiprocessing.get_context("spawn")
-        self.q = ctx.Queue(maxsize=depth)
-        self.results = ctx.Queue()
-        self.proc = ctx.Process(target=writer_main, args=(spec, self.q, self.results), daemon=True,
-                                name="capture-writer")
-        self.proc.start()
-
-    def _failure(self) -> Exception:
-        try:
-            kind, detail = self.results.get(timeout=5)
-        except queue.Empty:
-            kind, detail = "error", (f"it exited with code {self.proc.exitcode} and left no message (killed, or out "
-                                     "of memory?)")
-        if kind == "oserror":
-            return OSError(*detail)
-        return RuntimeError(f"the capture's writer process failed:\n{detail}")
-
-    def put(self, item: tuple) -> None:
-        while True:
-            try:
-                self.q.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if not self.proc.is_alive():
-                    raise self._failure() from None
-
-    def check(self) -> None:
-        if not self.proc.is_alive():
-            raise self._failure()
-
-    def finish(self) -> dict[str, Any]:
-        self.put(("finish",))
-        while True:
-            try:
-                kind, detail = self.results.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    raise self._failure() from None
-        self.proc.join(timeout=60)
-        if kind == "oserror":
-            raise OSError(*detail)
-        if kind != "done":
-            raise RuntimeError(f"the capture's writer process failed:\n{detail}")
-        return detail
-
-    def kill(self) -> None:
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=10)
-
-
-class _Outbox:
-    """Moves a batch's stored rows off the accelerator and into the writer queue. On CUDA the copy to
-    pinned memory is asynchronous and the batch is handed over after the next forward was launched, so
-    the device never idles on the copy; row selection uses precomputed indices (no device sync)."""
-
-    def __init__(self, writer: _WriterHandle, sites: list[str], dtype: torch.dtype):
-        self.writer, self.sites, self.dtype = writer, sites, dtype
-        self.pending: tuple[Any, ...] | None = None
-
-    def send(self, acts: dict[str, torch.Tensor], batch: Any) -> None:
-        some = acts[self.sites[0]]
-        device = some.device
-        index = batch.keep.view(-1).nonzero().squeeze(1)  # [N] flat positions of the stored rows
-        rows: dict[str, torch.Tensor] = {}
-        event = None
-        if device.type == "cuda":
-            index = index.pin_memory().to(device, non_blocking=True)
-            for s in self.sites:
-                picked = acts[s].reshape(-1, some.shape[-1]).index_select(0, index).to(self.dtype)
-                rows[s] = torch.empty(picked.shape, dtype=self.dtype, pin_memory=True)
-                rows[s].copy_(picked, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            for s in self.sites:
-                rows[s] = acts[s].reshape(-1, some.shape[-1]).index_select(0, index).to(self.dtype)
-        self.flush()
-        self.pending = (event, rows, batch.row_tokens, batch.row_doc_ids, batch.row_positions)
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        event, *message = self.pending
-        self.pending = None
-        if event is not None:
-            event.synchronize()
-        self.writer.put(("rows", *message))
-
-
 def _refuse_nesting(out: Path) -> None:
     """--out must not be (inside) an activation store: OUT/<site>/ would become a store within a store."""
     for d in [out, *out.resolve().parents]:
@@ -433,7 +338,7 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: DistContext, device: 
             parent_pid=os.getpid(),
         )
         # Start the writer first: its start-up (a fresh interpreter importing torch) overlaps the model load.
-        writer = _WriterHandle(spec, cfg.queue_batches)
+        writer = WriterHandle(spec, cfg.queue_batches)
         try:
             if model is None:
                 model = load_model(cfg.ckpt_dir, device=device, dtype=DTYPES[cfg.model_dtype],
@@ -450,7 +355,7 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: DistContext, device: 
 
 
 def _run_loop(cfg: CaptureConfig, sites: list[str], d: DistContext, model: Transformer, tokenizer: Any, chat_format: Any,
-              progress: dict[str, Any], writer: "_WriterHandle", console: Any) -> CaptureSummary:
+              progress: dict[str, Any], writer: "WriterHandle", console: Any) -> CaptureSummary:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -470,7 +375,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: DistContext, model: Trans
                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                    disable=not cfg.progress or rank != 0)
     summary = CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed" if skip else "captured")
-    outbox = _Outbox(writer, sites, store_dtype)
+    outbox = Outbox(writer, sites, store_dtype)
     t0 = time.perf_counter()
     with windows, bar, torch.inference_mode():
         task = bar.add_task("capture", total=_rank_share(cfg.limit, rank, world), completed=skip, tps="")

@@ -1,6 +1,7 @@
 """The capture's writer process: it receives row batches from the forward loop through a bounded queue,
 orders each read-ahead window's rows by (doc_id, position), closes a shard when enough rows have gathered,
-and commits the rank's progress only after the shard is on disk."""
+and commits the rank's progress only after the shard is on disk. ``WriterHandle`` and ``Outbox`` are the
+capture loop's side of the queue."""
 
 from __future__ import annotations
 
@@ -135,3 +136,99 @@ def writer_main(spec: WriterSpec, q: Any, results: Any) -> None:
         raise
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------- the capture's side
+class WriterHandle:
+    """The capture loop's handle on the writer process: a bounded queue in, results out, failures raised."""
+
+    def __init__(self, spec: WriterSpec, depth: int):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.q = ctx.Queue(maxsize=depth)
+        self.results = ctx.Queue()
+        self.proc = ctx.Process(target=writer_main, args=(spec, self.q, self.results), daemon=True,
+                                name="capture-writer")
+        self.proc.start()
+
+    def _failure(self) -> Exception:
+        try:
+            kind, detail = self.results.get(timeout=5)
+        except queue.Empty:
+            kind, detail = "error", (f"it exited with code {self.proc.exitcode} and left no message (killed, or out "
+                                     "of memory?)")
+        if kind == "oserror":
+            return OSError(*detail)
+        return RuntimeError(f"the capture's writer process failed:\n{detail}")
+
+    def put(self, item: tuple) -> None:
+        while True:
+            try:
+                self.q.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self.proc.is_alive():
+                    raise self._failure() from None
+
+    def check(self) -> None:
+        if not self.proc.is_alive():
+            raise self._failure()
+
+    def finish(self) -> dict[str, Any]:
+        self.put(("finish",))
+        while True:
+            try:
+                kind, detail = self.results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise self._failure() from None
+        self.proc.join(timeout=60)
+        if kind == "oserror":
+            raise OSError(*detail)
+        if kind != "done":
+            raise RuntimeError(f"the capture's writer process failed:\n{detail}")
+        return detail
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+
+
+class Outbox:
+    """Moves a batch's stored rows off the accelerator and into the writer queue. On CUDA the copy to
+    pinned memory is asynchronous and the batch is handed over after the next forward was launched, so
+    the device never idles on the copy; row selection uses precomputed indices (no device sync)."""
+
+    def __init__(self, writer: WriterHandle, sites: list[str], dtype: torch.dtype):
+        self.writer, self.sites, self.dtype = writer, sites, dtype
+        self.pending: tuple[Any, ...] | None = None
+
+    def send(self, acts: dict[str, torch.Tensor], batch: Any) -> None:
+        some = acts[self.sites[0]]
+        device = some.device
+        index = batch.keep.view(-1).nonzero().squeeze(1)  # [N] flat positions of the stored rows
+        rows: dict[str, torch.Tensor] = {}
+        event = None
+        if device.type == "cuda":
+            index = index.pin_memory().to(device, non_blocking=True)
+            for s in self.sites:
+                picked = acts[s].reshape(-1, some.shape[-1]).index_select(0, index).to(self.dtype)
+                rows[s] = torch.empty(picked.shape, dtype=self.dtype, pin_memory=True)
+                rows[s].copy_(picked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            for s in self.sites:
+                rows[s] = acts[s].reshape(-1, some.shape[-1]).index_select(0, index).to(self.dtype)
+        self.flush()
+        self.pending = (event, rows, batch.row_tokens, batch.row_doc_ids, batch.row_positions)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        event, *message = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        self.writer.put(("rows", *message))
