@@ -42,7 +42,7 @@ from capture.capture import run_capture  # noqa: E402
 from capture.config import CaptureConfig  # noqa: E402
 from capture.store import ActivationStore  # noqa: E402
 from llama3.args import ModelArgs  # noqa: E402
-from llama3.checkpoint import meta_to_hf_name, permute_rotary  # noqa: E402
+from llama3.keys import meta_to_hf_name, permute_rotary  # noqa: E402
 from llama3.model import Transformer, init_random_weights, site_name  # noqa: E402
 from llama3.tokenizer import Tokenizer, default_tokenizer_path  # noqa: E402
 

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
-from llama3.checkpoint import meta_to_hf_name, permute_rotary  # noqa: E402
+from llama3.keys import meta_to_hf_name, permute_rotary  # noqa: E402
 from llama3.tokenizer import Tokenizer, default_tokenizer_path  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

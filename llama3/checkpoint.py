@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
@@ -29,98 +28,13 @@ from llama3_sae.paths import cache_root
 from llama3_sae.files import atomic_path
 
 from .args import ModelArgs
+from .keys import HF_ROTARY_PERMUTED, META_SHARD_DIM, DERIVED_KEYS, key_template, hf_to_meta_name, meta_to_hf_name, unpermute_rotary
 from .gguf import GGUFFile, TokenizerSpec, cached_meta, find_gguf, load_gguf
 from .hf_tokenizer import HFTokenizer
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 Layout = Literal["meta", "hf", "gguf"]
-
-# --------------------------------------------------------------------------- key names
-# HF name -> Meta name, "{}" standing for the layer index (torchtitan's state_dict_adapter style).
-HF_TO_META: dict[str, str] = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-META_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_META.items()}
-
-# HF's conversion script permutes the rows of wq/wk from Meta's interleaved rotary pairs
-# (x[2i], x[2i+1]) to the rotate-half layout (x[i], x[i + hd/2]); loading undoes it per head.
-# Value: which ModelArgs field holds the number of heads of that matrix.
-HF_ROTARY_PERMUTED: dict[str, str] = {
-    "layers.{}.attention.wq.weight": "n_heads",
-    "layers.{}.attention.wk.weight": "n_kv_heads",
-}
-
-
-def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF rotate-half row order -> Meta's interleaved pairs (inverse of transformers' ``permute``)."""
-    d_out, d_in = w.shape
-    return w.view(n_heads, 2, d_out // n_heads // 2, d_in).transpose(1, 2).reshape(d_out, d_in)
-
-
-def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved pairs -> HF's rotate-half row order (transformers' ``permute``)."""
-    d_out, d_in = w.shape
-    return w.view(n_heads, d_out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
-
-
-# How Meta's fairscale model-parallel layers split each tensor over consolidated.NN.pth (the dim the
-# shards are concatenated on to merge them). ColumnParallelLinear splits output features (dim 0),
-# RowParallelLinear input features (dim 1); norms are replicated (None). The embedding is split on the
-# vocabulary by Llama 3's VocabParallelEmbedding but on the features by Llama 2's ParallelEmbedding,
-# so its dim is read from the shard shapes ("by_shape").
-META_SHARD_DIM: dict[str, int | None | str] = {
-    "tok_embeddings.weight": "by_shape",
-    "layers.{}.attention.wq.weight": 0,
-    "layers.{}.attention.wk.weight": 0,
-    "layers.{}.attention.wv.weight": 0,
-    "layers.{}.attention.wo.weight": 1,
-    "layers.{}.feed_forward.w1.weight": 0,
-    "layers.{}.feed_forward.w2.weight": 1,
-    "layers.{}.feed_forward.w3.weight": 0,
-    "layers.{}.attention_norm.weight": None,
-    "layers.{}.ffn_norm.weight": None,
-    "norm.weight": None,
-    "output.weight": 0,
-}
-
-# Derived rotary buffers some checkpoints carry (Llama 2's rope.freqs, old HF inv_freq); the model
-# recomputes them from its config, so they are skipped rather than reported as unexpected.
-_DERIVED_KEYS = re.compile(r"^(rope\.freqs|model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq)$")
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def _template(name: str) -> tuple[str, str | None]:
-    """``"layers.3.attention.wq.weight"`` -> ``("layers.{}.attention.wq.weight", "3")``."""
-    m = _LAYER_INDEX.search(name)
-    if m is None:
-        return name, None
-    return name[: m.start()] + ".{}." + name[m.end():], m.group(1)
-
-
-def hf_to_meta_name(name: str) -> str | None:
-    """The Meta name of an HF tensor name, or None when the table has no entry for it."""
-    template, layer = _template(name)
-    meta = HF_TO_META.get(template)
-    return None if meta is None else meta.format(layer)
-
-
-def meta_to_hf_name(name: str) -> str | None:
-    template, layer = _template(name)
-    hf = META_TO_HF.get(template)
-    return None if hf is None else hf.format(layer)
-
 
 # --------------------------------------------------------------------------- files
 _META_EXPECTED = "params.json + consolidated.00.pth [.. consolidated.NN.pth] (+ tokenizer.model)"
@@ -261,7 +175,7 @@ def _read_meta(ckpt_dir: Path) -> tuple[dict[str, list[torch.Tensor]], list[Path
         if set(sd) != set(keys):
             diff = sorted(set(sd) ^ set(keys))
             raise ValueError(f"{path.name} and {paths[0].name} hold different tensor names, e.g. {diff[:5]}")
-    return {k: [sd[k] for sd in shards] for k in keys if not _DERIVED_KEYS.match(k)}, paths
+    return {k: [sd[k] for sd in shards] for k in keys if not DERIVED_KEYS.match(k)}, paths
 
 
 def _read_hf(ckpt_dir: Path) -> dict[str, torch.Tensor]:
@@ -296,7 +210,7 @@ def _read_hf(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def _merge_dim(name: str, pieces: list[torch.Tensor], full: torch.Size) -> int | None:
     """Dim to concatenate Meta shards on (None: replicated); shape problems are left to the caller."""
-    template, _ = _template(name)
+    template, _ = key_template(name)
     dim = META_SHARD_DIM.get(template, None)
     if dim == "by_shape":
         n, shape = len(pieces), tuple(pieces[0].shape)
@@ -371,7 +285,7 @@ def _stored_pieces(ckpt_dir: Path, layout: Layout):
         return pieces, {k: k for k in pieces}, [], where, "params.json"
     pieces, src_names, unknown = {}, {}, []
     for hf_name, t in _read_hf(ckpt_dir).items():
-        if _DERIVED_KEYS.match(hf_name):
+        if DERIVED_KEYS.match(hf_name):
             continue
         name = hf_to_meta_name(hf_name)
         if name is None:
@@ -457,7 +371,7 @@ def _convert_pieces(pieces: dict, merge_dims: dict[str, int | None], expected: d
                 t.narrow(dim, offset, p.shape[dim]).copy_(p)
                 offset += p.shape[dim]
         if layout == "hf":
-            template, _ = _template(name)
+            template, _ = key_template(name)
             if template in HF_ROTARY_PERMUTED:
                 t = unpermute_rotary(t, getattr(params, HF_ROTARY_PERMUTED[template]))
         sd[name] = t

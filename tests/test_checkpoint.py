@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from helpers import (LLAMA3_TOKENIZER_PATH, make_random_model, meta_params_json, random_tokens, rel_err, tiny_args,
                      to_hf_model, write_hf_checkpoint, write_meta_checkpoint)
-from llama3.checkpoint import (HF_TO_META, check_vocab, detect_layout, find_tokenizer, hf_to_meta_name, load_model,
-                               meta_to_hf_name, permute_rotary, save_meta_checkpoint, unpermute_rotary)
+from llama3.checkpoint import check_vocab, detect_layout, find_tokenizer, load_model, save_meta_checkpoint
+from llama3.keys import HF_TO_META, hf_to_meta_name, meta_to_hf_name, permute_rotary, unpermute_rotary
 
 TOL = 1e-5
 SEQ = 500
