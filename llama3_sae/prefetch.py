@@ -24,6 +24,7 @@ class Prefetcher(Generic[T]):
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ended: BaseException | None = None
         if depth > 0:
             self._thread = threading.Thread(target=self._work, name=name, daemon=True)
             self._thread.start()
@@ -52,11 +53,15 @@ class Prefetcher(Generic[T]):
     def __next__(self) -> T:
         if self._thread is None:
             return next(self._items)
+        if self._ended is not None:  # the worker has stopped: keep ending the same way
+            raise self._ended
         kind, value = self._queue.get()
         if kind == "error":
+            self._ended = value
             raise value
         if value is self._done:
-            raise StopIteration
+            self._ended = StopIteration()
+            raise self._ended
         return value
 
     def close(self) -> None:

@@ -88,7 +88,10 @@ class BatchTopK(Activation):
 
     def select(self, sae, pre, k, batch_topk):
         if not batch_topk:
-            return JumpReLU.select(self, sae, pre, k, batch_topk)
+            if k is not None:
+                raise ValueError("a BatchTopK SAE applies its learned threshold at inference; k applies only to its "
+                                 "training batches (sae.train())")
+            return _variable(pre.masked_fill_(pre <= sae.threshold, 0))
         k = _check_k(sae, k, pre.shape[1])
         idx, valid, threshold = _batch_topk_indices(_score(sae, pre), k)
         return Selection(idx, pre.gather(1, idx) * valid.to(pre.dtype), threshold)

@@ -388,9 +388,10 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def fold_decoder_norms_(self) -> None:
-        """Give every decoder row unit norm without changing what the SAE computes: h_i W_dec_i =
-        (n_i h_i)(W_dec_i / n_i), so latent i's encoder row, bias and threshold are scaled by n_i (for the
-        same selection; decoder-norm ranking ranks the same). Codes are then n_i times larger."""
+        """Give every decoder row unit norm: h_i W_dec_i = (n_i h_i)(W_dec_i / n_i), so latent i's encoder row,
+        bias and threshold are scaled by n_i. Exact for thresholded architectures and for TopK ranked by
+        decoder norm; a TopK SAE ranked by the code alone then ranks by n_i h_i, so with norms far from 1 it
+        may keep other latents (after EMA, whose rows are within a fraction of a percent of unit, rarely)."""
         norms = self.W_dec.float().norm(dim=1).clamp_min(1e-12)
         self.W_dec.copy_((self.W_dec.float() / norms[:, None]).to(self.W_dec.dtype))
         self.W_enc.copy_((self.W_enc.float() * norms[:, None]).to(self.W_enc.dtype))

@@ -202,7 +202,9 @@ _keep_mlp.keeps_mlp = True  # type: ignore[attr-defined]
 def bind_to_model(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
     """Fold what an SAE needs from the model it runs in, once: an SAE trained on TransformerLens's
     ``ln1/ln2.hook_normalized`` (before the RMSNorm weight g; SAELens, Llama Scope transcoders) reads our
-    attn_in / mlp_in divided by g, so its encoder (and skip) columns are divided by g. Other SAEs pass through."""
+    attn_in / mlp_in divided by g, so its encoder (and skip) columns are divided by g; an SAE (not a
+    transcoder, whose output is the MLP's) also reconstructs that point, so its decoder and bias are
+    multiplied by g, and a dataset normalisation's shift mu becomes g mu. Other SAEs pass through."""
     point = sae.cfg.source.get("input_before_norm_weight")
     if not point or sae.cfg.source.get("norm_weight_folded"):
         return sae
@@ -219,6 +221,12 @@ def bind_to_model(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
     if sae.cfg.apply_b_pre_to_input:
         raise ValueError("this SAE subtracts its decoder bias from an input taken before the norm weight; that cannot "
                          "be moved after the weight")
+    if sae.cfg.normalization in ("per_token", "per_token_rms"):
+        raise ValueError(f"this SAE normalises each token ({sae.cfg.normalization}) of an input taken before the norm "
+                         "weight; the statistics of x / g cannot be had from x")
+    if sae.cfg.is_transcoder and sae.cfg.normalization == "dataset" and bool(sae.norm_shift.abs().max() > 0):
+        raise ValueError("this transcoder centres an input taken before the norm weight with a shift it also adds to "
+                         "its output; the two cannot be separated")
     if bool((g == 0).any()):
         raise ValueError(f"the model's {point} norm weight has zeros at layer {layer}; the SAE's input cannot be recovered")
     with torch.no_grad():
@@ -226,6 +234,12 @@ def bind_to_model(sae: SparseAutoencoder, model: Any) -> SparseAutoencoder:
         sae.W_enc.copy_((sae.W_enc.float() * inv).to(sae.W_enc.dtype))
         if sae.cfg.skip_connection:
             sae.W_skip.copy_((sae.W_skip.float() * inv).to(sae.W_skip.dtype))
+        if not sae.cfg.is_transcoder:  # it reconstructs x / g: our point is g times that
+            gd = g.to(sae.W_dec.device)
+            sae.W_dec.copy_((sae.W_dec.float() * gd).to(sae.W_dec.dtype))
+            sae.b_pre.copy_((sae.b_pre.float() * gd).to(sae.b_pre.dtype))
+            if sae.cfg.normalization == "dataset":  # (x / g - mu) s = (x - g mu) s / g, and g (y + mu) = g y + g mu
+                sae.norm_shift.mul_(g.to(sae.norm_shift.device))
     sae.cfg = sae.cfg.replace(source={**sae.cfg.source, "norm_weight_folded": True})
     return sae
 

@@ -417,3 +417,9 @@ def test_folding_decoder_norms_keeps_the_function(activation):
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), rtol=1e-5, atol=1e-5)
     assert torch.equal(sae.encode(x) > 0, active)
     torch.testing.assert_close(sae.reconstruct(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_batchtopk_refuses_k_at_inference_with_a_clear_reason():
+    sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=L, architecture="batchtopk", k=4), seed=0).eval()
+    with pytest.raises(ValueError, match="learned threshold at inference"):
+        sae.encode(torch.randn(3, D), k=2)

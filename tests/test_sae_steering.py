@@ -254,3 +254,22 @@ def test_transcoder_without_edits_leaves_the_mlp_alone(model):
         finally:
             model.set_hooks(None, None)
     assert torch.equal(clean, same)
+
+
+def test_binding_a_dataset_normalised_sae_moves_its_shift_and_refuses_per_token_statistics(model):
+    from sae import bind_to_model
+
+    g = model.layers[1].ffn_norm.weight.detach().float()
+    sae = make_sae("dataset", site="L1MI")
+    sae.cfg = sae.cfg.replace(apply_b_pre_to_input=False, source={"input_before_norm_weight": "mlp_in"})
+    x_tl = acts((4, 3), seed=7)  # what the SAE was trained on: the input before the norm weight
+    with torch.no_grad():
+        want_h, want = sae.encode(x_tl), sae.reconstruct(x_tl)
+        bind_to_model(sae, model)
+        # Our point is x_tl * g: the same code, and the reconstruction of our point (g times the old one).
+        torch.testing.assert_close(sae.encode(x_tl * g), want_h, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sae.reconstruct(x_tl * g), want * g, rtol=1e-4, atol=1e-5)
+    per_token = make_sae("per_token", site="L1MI")
+    per_token.cfg = per_token.cfg.replace(apply_b_pre_to_input=False, source={"input_before_norm_weight": "mlp_in"})
+    with pytest.raises(ValueError, match="normalises each token"):
+        bind_to_model(per_token, model)

@@ -123,3 +123,4 @@ def test_prefetcher_returns_items_in_order_and_raises_worker_errors():
         assert calls[:4] == [1, 2, 3, 4]
     with Prefetcher(iter([1, 2]), depth=3) as p:
         assert list(p) == [1, 2]  # ends where its items end
+        assert list(p) == [] and next(p, None) is None  # and stays ended (no wait on a stopped worker)
