@@ -416,11 +416,18 @@ def test_transient_poll_errors_and_dropped_results_stream(fake, tmp_path):
     assert set(read_latents(sae)) == set(range(11))
 
 
+def _write_intent(workdir, ids):
+    """The state a run killed between batches.create and its state save leaves: the intent, no batch id."""
+    from interpret.batch_client import STATE_FORMAT, now_iso
+
+    (workdir / "labels.state.json").write_text(json.dumps({
+        "format": STATE_FORMAT, "version": 1, "kind": "labels", "generation": 0, "batches": [],
+        "intent": {"custom_ids": ids, "since": now_iso()}, "meta": {i: {"latent": int(i)} for i in ids}}))
+
+
 def test_interrupted_create_is_adopted_not_resent(fake, tmp_path):
     """A kill between batches.create and the state save: the next run finds the batch by its intent."""
     import anthropic
-
-    from interpret.batch_client import STATE_FORMAT, now_iso
 
     sae = write_examples(tmp_path / "sae", n_latents=4, dead=())
     ids = ["0", "1", "2", "3"]
@@ -431,9 +438,7 @@ def test_interrupted_create_is_adopted_not_resent(fake, tmp_path):
     params = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Latent 0."}]}
     client.messages.batches.create(requests=[{"custom_id": i, "params": dict(params, messages=[
         {"role": "user", "content": f"Latent {i}."}])} for i in ids])
-    (workdir / "labels.state.json").write_text(json.dumps({
-        "format": STATE_FORMAT, "version": 1, "kind": "labels", "generation": 0, "batches": [],
-        "intent": {"custom_ids": ids, "since": now_iso()}, "meta": {i: {"latent": int(i)} for i in ids}}))
+    _write_intent(workdir, ids)
     assert run_interpret(InterpretConfig(sae=sae, **fast())) == 0
     assert fake.creates == 1  # adopted, not sent again
     assert set(read_latents(sae)) == {0, 1, 2, 3}
@@ -576,8 +581,6 @@ def test_a_foreign_batch_of_the_same_size_is_never_adopted(fake, tmp_path):
     """After a kill between create and save, only a batch whose results are exactly our custom_ids is ours."""
     import anthropic
 
-    from interpret.batch_client import STATE_FORMAT, now_iso
-
     sae = write_examples(tmp_path / "sae", n_latents=4, dead=())
     ids = ["0", "1", "2", "3"]
     workdir = sae / "interpret"
@@ -585,9 +588,7 @@ def test_a_foreign_batch_of_the_same_size_is_never_adopted(fake, tmp_path):
     client = anthropic.Anthropic(api_key=KEY, base_url=fake.url)
     params = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Latent 0."}]}
     # Someone else's batch, created after our intent, with as many requests: not ours (and never created).
-    (workdir / "labels.state.json").write_text(json.dumps({
-        "format": STATE_FORMAT, "version": 1, "kind": "labels", "generation": 0, "batches": [],
-        "intent": {"custom_ids": ids, "since": now_iso()}, "meta": {i: {"latent": int(i)} for i in ids}}))
+    _write_intent(workdir, ids)
     client.messages.batches.create(requests=[{"custom_id": f"other-{i}", "params": params} for i in ids])
     assert run_interpret(InterpretConfig(sae=sae, **fast())) == 0
     assert fake.creates == 2  # the foreign one, and ours sent for real
