@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import json
 import os
-import struct
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +24,8 @@ import torch
 
 from llama3_sae.devices import dtype_of
 from llama3_sae.files import HashIndex, atomic_path, atomic_write_json, fsync_dir, sha256_file
-from llama3_sae.tensorfile import save_safetensors
+from llama3_sae.tensorfile import HEADER_ERRORS, read_header, save_safetensors
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 
 FORMAT = "llama3-sae-activations"
@@ -150,6 +150,22 @@ class ActivationStore:
             return None
         return read_tensors(self.path / entry["file"], entry.get("sha256"))
 
+    def check_same_rows(self, other: "ActivationStore") -> None:
+        """Row i of both stores must be the same token (a transcoder's MLP input and output): the same shard
+        sizes, tokens, documents and positions; a ValueError otherwise."""
+        fix = "capture both sites in one run (--sites L{L}TC) and preprocess both with the same --seed"
+        if [s["rows"] for s in other.shards] != [s["rows"] for s in self.shards]:
+            raise ValueError(f"{other.path} does not hold the rows of {self.path} ({other.num_rows:,} rows in "
+                             f"{len(other.shards)} shards vs {self.num_rows:,} in {len(self.shards)}); {fix}")
+        for s in range(len(self.shards)):
+            cols = []
+            for store in (self, other):
+                with safe_open(str(store.shard_path(s)), framework="pt") as f:
+                    cols.append([f.get_tensor(c) for c in ("tokens", "doc_ids", "positions")])
+            if not all(torch.equal(a, b) for a, b in zip(*cols)):
+                raise ValueError(f"{other.shard_path(s)} holds other tokens than {self.shard_path(s)}: the stores' "
+                                 f"rows do not line up; {fix}")
+
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest; raises ValueError naming the first bad (or
         truncated) shard. Hashes are remembered in ``verified.json`` by size and modification time, so an
@@ -174,12 +190,10 @@ class ActivationStore:
 def declared_size(path: Path) -> int | None:
     """The size a safetensors file's header says it has, or None when the header cannot be read."""
     try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        header_len, header = read_header(path)
         return 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
                                     default=0)
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+    except (*HEADER_ERRORS, KeyError, TypeError):
         return None
 
 

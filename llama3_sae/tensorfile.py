@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Mapping
 
@@ -48,3 +49,14 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
         if fsync:
             os.fsync(fh.fileno())
 
+
+HEADER_ERRORS = (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError)
+"""What ``read_header`` raises on a missing, short or damaged file."""
+
+
+def read_header(path: str | Path) -> tuple[int, dict]:
+    """(header length in bytes, the JSON header) of a safetensors file, without reading its data; the data
+    of tensor t is at ``8 + length + header[t]["data_offsets"]``."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        return header_len, json.loads(f.read(header_len))

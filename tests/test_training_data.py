@@ -124,3 +124,20 @@ def test_prefetcher_returns_items_in_order_and_raises_worker_errors():
     with Prefetcher(iter([1, 2]), depth=3) as p:
         assert list(p) == [1, 2]  # ends where its items end
         assert list(p) == [] and next(p, None) is None  # and stays ended (no wait on a stopped worker)
+
+def test_a_target_store_must_hold_the_same_tokens_row_for_row(tmp_path):
+    from capture.store import ActivationStore, write_shard
+    from training.synthetic import write_store
+
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    a = write_store(tmp_path / "L1MI", x, shard_rows=100, site="L1MI", stats=False)
+    b = write_store(tmp_path / "L1M", x * 2, shard_rows=100, site="L1M", stats=False)
+    ActivationStore(a).check_same_rows(ActivationStore(b))  # the same rows: no error
+    c = write_store(tmp_path / "other", x, shard_rows=150, site="L1M", stats=False)
+    with pytest.raises(ValueError, match="does not hold the rows"):
+        ActivationStore(a).check_same_rows(ActivationStore(c))
+    # Same shard sizes, other tokens in shard 1 (the manifest is not consulted for the columns).
+    write_shard(b / "shard-000001.safetensors", x[100:200] * 2, torch.ones(100, dtype=torch.int32),
+                torch.full((100,), 1, dtype=torch.int64), torch.arange(100, dtype=torch.int32), site="L1M")
+    with pytest.raises(ValueError, match="holds other tokens"):
+        ActivationStore(a).check_same_rows(ActivationStore(b))

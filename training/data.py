@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from capture.store import ActivationStore
+from llama3_sae.tensorfile import HEADER_ERRORS, read_header
 
 # safetensors dtype name -> (numpy dtype with the same bytes, torch dtype the bytes mean)
 _ST_DTYPES: dict[str, tuple[Any, torch.dtype]] = {
@@ -48,10 +48,8 @@ def mmap_safetensor(path: Path, name: str) -> tuple[np.memmap, torch.dtype]:
     """Memory-map one tensor of a safetensors file without reading it. Returns the numpy view of its
     bytes and the torch dtype they hold."""
     try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        header_len, header = read_header(path)
+    except HEADER_ERRORS as e:
         raise ValueError(f"{path}: cannot read the safetensors header ({e}); the shard is missing or corrupt. "
                          "Re-run the capture (or preprocess) that wrote it.") from e
     if name not in header:
@@ -87,7 +85,7 @@ class StoreRows:
     def __init__(self, path: str | Path, *, val_fraction: float, val_max_rows: int, seed: int,
                  target: str | Path | None = None):
         """target: a second store holding, row for row, what to predict from this one (a transcoder's MLP
-        output); it shares the held-out split, and ``gather_target`` reads it."""
+        output); it shares the held-out split, and ``pair`` reads both."""
         self.store = ActivationStore(path)
         self.path = self.store.path
         manifest = self.store.manifest
@@ -124,37 +122,15 @@ class StoreRows:
         self.target: StoreRows | None = None
         if target is not None:
             self.target = StoreRows(target, val_fraction=val_fraction, val_max_rows=val_max_rows, seed=seed)
-            self._check_aligned(self.target)
+            if self.target.d_model != self.d_model:
+                raise ValueError(f"{target} holds d_model={self.target.d_model} rows, {self.path} {self.d_model}")
+            self.store.check_same_rows(self.target.store)
             self.fingerprint = hashlib.sha256((self.fingerprint + self.target.fingerprint).encode()).hexdigest()
-
-    def _check_aligned(self, other: "StoreRows") -> None:
-        """Row i of both stores must be the same token: same shard sizes, tokens, documents and positions."""
-        from safetensors import safe_open
-
-        if other.d_model != self.d_model or list(other.offsets) != list(self.offsets):
-            raise ValueError(f"{other.path} does not hold the rows of {self.path} ({other.num_rows:,} rows in "
-                             f"{len(other.offsets) - 1} shards vs {self.num_rows:,} in {len(self.offsets) - 1}); "
-                             "capture both sites in one run (--sites L{L}TC) and preprocess both with the same --seed")
-        for s in range(len(self.offsets) - 1):
-            cols = []
-            for rows in (self, other):
-                with safe_open(str(rows.store.shard_path(s)), framework="pt") as f:
-                    cols.append([f.get_tensor(c) for c in ("tokens", "doc_ids", "positions")])
-            if not all(torch.equal(a, b) for a, b in zip(*cols)):
-                raise ValueError(f"{other.store.shard_path(s)} holds other tokens than {self.store.shard_path(s)}: the "
-                                 "stores' rows do not line up; capture both sites in one run and preprocess both with "
-                                 "the same --seed")
-
-    def gather_target(self, ids: np.ndarray) -> torch.Tensor:
-        """The target store's rows ``ids`` (see ``target``)."""
-        if self.target is None:
-            raise ValueError("this store has no target store")
-        return self.target.gather(ids)
 
     def pair(self, ids: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rows ``ids`` as float32, with the target's rows when there is a target store."""
         x = self.gather(ids).float()
-        return x if self.target is None else (x, self.gather_target(ids).float())
+        return x if self.target is None else (x, self.target.gather(ids).float())
 
     def _shard_map(self, s: int) -> np.memmap:
         m = self._maps.get(s)

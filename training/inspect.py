@@ -128,14 +128,11 @@ def measure(sae: SparseAutoencoder, cfg: InspectConfig) -> dict[str, Any]:
                          "store captured with it as --target-store (capture --sites L{L}TC writes both)")
     if store.d_model != sae.cfg.d_model:
         raise ValueError(f"{cfg.store} holds d_model={store.d_model} activations; the SAE reads {sae.cfg.d_model}")
-    expected = sae.cfg.site
-    if expected is not None and sae.cfg.is_transcoder:
-        expected = expected[:-2] + "MI"
+    expected = sae.cfg.input_site
     if expected is not None and store.site != expected:
         notes.append(f"the store was captured at {store.site}, the SAE reads {expected}")
-    if target is not None and [s["rows"] for s in target.shards] != [s["rows"] for s in store.shards]:
-        raise ValueError(f"{cfg.target_store} does not hold the same rows as {cfg.store} (different shard sizes); "
-                         "capture both sites in one run")
+    if target is not None:
+        store.check_same_rows(target)
 
     def batches():
         left = cfg.max_rows
