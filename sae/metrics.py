@@ -137,12 +137,7 @@ class ReconstructionStats:
             raise ValueError("a transcoder is evaluated on (MLP input, MLP output) pairs; its input alone says "
                              "nothing about how well it predicts the output")
         x = sae.flatten(x.to(sae.W_enc.device))
-        xn, stats = sae.normalize(x)
-        code = sae.code_normalized(xn)
-        x_hat = sae.denormalize(sae.decode_normalized(code), stats)
-        skip = sae.skip(x)
-        if skip is not None:
-            x_hat = x_hat + skip
+        x_hat, code = sae.reconstruct_with_code(x)
         self.latents.update(code)
         y = (x if target is None else sae.flatten(target.to(x.device))).double()
         self.err2 += float((x_hat.double() - y).pow(2).sum())

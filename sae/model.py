@@ -316,11 +316,16 @@ class SparseAutoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x)) (plus the skip term, if any) in x's shape and dtype. For a transcoder this is
         the predicted MLP output for MLP input x."""
-        flat = self.flatten(x)
+        y, _ = self.reconstruct_with_code(self.flatten(x))
+        return y.to(x.dtype).reshape(x.shape)
+
+    def reconstruct_with_code(self, flat: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+        """Rows [N, d] -> (their reconstruction with the skip term, float32 [N, d]; their code)."""
         xn, stats = self.normalize(flat)
-        y = self.denormalize(self.decode_normalized(self.code_normalized(xn)), stats)
+        code = self.code_normalized(xn)
+        y = self.denormalize(self.decode_normalized(code), stats)
         s = self.skip(flat)
-        return (y if s is None else y + s).to(x.dtype).reshape(x.shape)
+        return (y if s is None else y + s), code
 
     # ------------------------------------------------------------------ training
     def forward(self, x: torch.Tensor, *, target: torch.Tensor | None = None, k: int | None = None,
