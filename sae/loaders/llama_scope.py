@@ -19,7 +19,8 @@ LLAMA_SCOPE_CFG = "hyperparams.json"
 
 # --------------------------------------------------------------------------- release layout (lm-saes 1.x)
 LLAMA_SCOPE_WEIGHT_FILES = ("sae_weights.safetensors", "checkpoints/pruned.safetensors", "checkpoints/final.safetensors")
-"""Where lm-saes 1.x ``from_pretrained`` looks for weights, in its order (its .pt variants are pickles: not read)."""
+"""Where lm-saes 1.x ``from_pretrained`` and llamascopium's ``from_local`` look for weights, in their order (their
+.pt variants are pickles: not read)."""
 
 
 def _llama_scope_weights(path: Path) -> Path | None:
@@ -130,12 +131,11 @@ def _load_llama_scope(path: Path) -> SparseAutoencoder:
 
 # --------------------------------------------------------------------------- llamascopium 2.x
 LLAMASCOPIUM_CFG = "config.json"
-LLAMASCOPIUM_WEIGHT_FILES = ("sae_weights.safetensors", "checkpoints/pruned.safetensors", "checkpoints/final.safetensors")
 
 
 def _is_llamascopium(path: Path) -> bool:
     cfg = path / LLAMASCOPIUM_CFG
-    if not cfg.is_file() or not any((path / f).is_file() for f in LLAMASCOPIUM_WEIGHT_FILES):
+    if not cfg.is_file() or _llama_scope_weights(path) is None:
         return False
     try:
         raw = json.loads(cfg.read_text())
@@ -163,7 +163,7 @@ def _load_llamascopium(path: Path) -> SparseAutoencoder:
                          "not crosscoders, CLTs, LoRSA or MoLT")
     if raw.get("use_glu_encoder"):
         raise ValueError(f"{where}: use_glu_encoder=true (a gated-linear encoder) is not supported")
-    weights = next(path / f for f in LLAMASCOPIUM_WEIGHT_FILES if (path / f).is_file())
+    weights = _llama_scope_weights(path)
     tensors = read_safetensors(weights)
     _need(tensors, ("W_E", "b_E", "W_D"), where)
     W_E, b_E, W_D = tensors["W_E"], tensors["b_E"], tensors["W_D"]
