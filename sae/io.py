@@ -13,7 +13,7 @@ import torch
 
 from safetensors import safe_open
 
-from llama3_sae.files import atomic_path
+from llama3_sae.files import atomic_path, atomic_write_text
 from llama3_sae.tensorfile import save_safetensors
 
 from .config import FORMAT_NAME, FORMAT_VERSION, SAEConfig
@@ -35,9 +35,9 @@ def save_sae(sae: "SparseAutoencoder", path: str | Path) -> Path:
     # Contiguous CPU copies: safetensors stores raw bytes, and buffers may live on a GPU.
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
-    _atomic_write(path / WEIGHTS_FILE, lambda tmp: save_safetensors(tensors, tmp, metadata))
-    text = json.dumps(sae.cfg.to_dict(), indent=2) + "\n"
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(path / WEIGHTS_FILE) as tmp:  # atomic_path flushes it: no second fsync in the writer
+        save_safetensors(tensors, tmp, metadata, fsync=False)
+    atomic_write_text(path / CONFIG_FILE, json.dumps(sae.cfg.to_dict(), indent=2) + "\n")
     return path
 
 
@@ -122,12 +122,6 @@ def write_latents(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
     if path.is_dir():
         path = path / LATENTS_FILE
     rows = sorted(records, key=lambda r: r["latent"])
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
-
-def _atomic_write(dest: Path, write) -> None:
-    """``write(tmp)`` then rename over ``dest`` (llama3_sae.files.atomic_path)."""
-    with atomic_path(dest) as tmp:
-        write(str(tmp))

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+from llama3_sae.files import atomic_path, atomic_write_text
+
 from ..config import SAEConfig
-from ..io import _atomic_write, read_safetensors
+from ..io import read_safetensors
 from ..model import SparseAutoencoder
 from .common import (_build, _dtype_name, _is_unit_norm, _need, _norm_weight_note, _read_json, _site_of_hook,
                      _transcoder_site, site_to_hook_name)
@@ -195,9 +197,9 @@ def export_sae_lens(sae: SparseAutoencoder, path: str | Path, *, hook_name: str 
     }
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path / SAE_LENS_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    text = json.dumps(out_cfg, indent=2) + "\n"
-    _atomic_write(path / SAE_LENS_CFG, lambda tmp: Path(tmp).write_text(text))
+    with atomic_path(path / SAE_LENS_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_text(path / SAE_LENS_CFG, json.dumps(out_cfg, indent=2) + "\n")
     return path
 
 
