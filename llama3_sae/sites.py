@@ -70,3 +70,14 @@ def site_name(site: Site | str | int | tuple[int, str]) -> str:
     """Canonical short name, e.g. ``Site(15, "resid_post")`` -> ``"L15R"``."""
     layer, point = parse_site(site)
     return f"L{layer}{SHORT_OF[point]}"
+
+
+def transcoder_site(input_site: Site | str | int | tuple[int, str],
+                    output_site: Site | str | int | tuple[int, str]) -> str:
+    """The site of a transcoder reading ``input_site`` and predicting ``output_site``: "L{L}TC", which only block
+    L's MLP input -> the same block's MLP output can be (a ValueError otherwise)."""
+    a, b = parse_site(input_site), parse_site(output_site)
+    if a.point != "mlp_in" or b.point != "mlp_out" or a.layer != b.layer:
+        raise ValueError(f"a transcoder from {site_name(a)} to {site_name(b)}: only a block's MLP input -> the same "
+                         "block's MLP output can replace an MLP here")
+    return site_name(Site(a.layer, TRANSCODER))

@@ -28,7 +28,7 @@ from llama3_sae.config import save_config, to_jsonable
 from llama3_sae.dist import DistContext
 from llama3_sae.files import atomic_write_json
 from llama3_sae.prefetch import Prefetcher
-from llama3_sae.sites import parse_site
+from llama3_sae.sites import transcoder_site
 from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder
 from sae.activations import ACTIVATIONS
 from sae.io import load_state
@@ -124,7 +124,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.rows = StoreRows(cfg.store, val_fraction=cfg.val_fraction, val_max_rows=cfg.val_max_rows, seed=cfg.seed,
                               target=cfg.target_store)
-        site = self.rows.site if self.rows.target is None else transcoder_site(self.rows.site, self.rows.target.site)
+        site = self.rows.site if self.rows.target is None else _transcoder_of_stores(self.rows.site, self.rows.target.site)
         self.stream = TrainStream(self.rows, batch_size=cfg.batch_size, data_parallel=ctx.data_parallel,
                                   dp_rank=ctx.dp_rank, shuffle_window=cfg.shuffle_window, seed=cfg.seed)
         self.total_steps = cfg.total_steps(self.rows.num_train_rows, ctx.data_parallel)
@@ -308,8 +308,7 @@ class Trainer:
         k = self.k_schedule(self.step)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward_backward(x, k, self.dead_mask()) if y is None else \
-            self.forward_backward(x, k, self.dead_mask(), y)
+        out = self.forward_backward(x, k, self.dead_mask(), y)
         self.project_decoder_grad_()
         grad_norm = self.clip_grad_norm_()
         self.optimizer.step()
@@ -343,7 +342,7 @@ class Trainer:
             x = x.to(self.device)
             y = None if y is None else y.to(self.device)
             with self.autocast():
-                x_hat, active, c, mse_n = self.eval_batch(x) if y is None else self.eval_batch(x, y)
+                x_hat, active, c, mse_n = self.eval_batch(x, y)
             xd = (x if y is None else y).double()  # what was reconstructed: a transcoder's MLP output
             n_rows = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)
             sums += torch.stack([(x_hat.double() - xd).pow(2).sum(), xd.pow(2).sum(), active.double(), n_rows,
@@ -648,16 +647,13 @@ class Trainer:
         return summary
 
 
-def transcoder_site(input_site: str, target_site: str) -> str:
-    """The site of a transcoder trained from a store at ``input_site`` to one at ``target_site``: L{L}TC,
-    which only block L's MLP input -> its output can be."""
-
-    a, b = parse_site(input_site), parse_site(target_site)
-    if a.point != "mlp_in" or b.point != "mlp_out" or a.layer != b.layer:
-        raise ValueError(f"a transcoder predicts block L's MLP output from its input: --store must be an L{{L}}MI store "
-                         f"and --target-store the L{{L}}M store of the same layer, got {input_site} -> {target_site} "
-                         "(capture --sites L{L}TC writes both)")
-    return f"L{a.layer}TC"
+def _transcoder_of_stores(input_site: str, target_site: str) -> str:
+    """The site of a transcoder trained from a store at ``input_site`` to one at ``target_site``."""
+    try:
+        return transcoder_site(input_site, target_site)
+    except ValueError as e:
+        raise ValueError(f"{e}: --store must be an L{{L}}MI store and --target-store the L{{L}}M store of the same "
+                         "layer (capture --sites L{L}TC writes both)") from None
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:

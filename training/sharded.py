@@ -194,7 +194,9 @@ class ShardedTrainer(Trainer):
     def local_params(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.to_local().detach()) for n, p in self.named_parameters()]
 
-    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None) -> StepOutput:
+    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
+                         target: torch.Tensor | None = None) -> StepOutput:
+        assert target is None, "latent sharding trains SAEs, not transcoders (TrainConfig refuses the pair)"
         with self.autocast():
             loss, mse, aux, counts, x_hat, l0 = self.model(x, k, dead_mask, self.cfg.k_aux, self.cfg.aux_coeff)
         loss.backward()
@@ -240,7 +242,9 @@ class ShardedTrainer(Trainer):
         return int(n) / self.cfg.n_latents
 
     @torch.no_grad()
-    def eval_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def eval_batch(self, x: torch.Tensor, target: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert target is None, "latent sharding trains SAEs, not transcoders (TrainConfig refuses the pair)"
         _, mse, _, counts, x_hat, l0 = self.model(x, self.cfg.k, None, 0, 0.0)
         return x_hat.float(), l0 * x.reshape(-1, self.rows.d_model).shape[0], counts, mse
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from llama3_sae.sites import Site, parse_site, site_name
+from llama3_sae.sites import Site, parse_site, site_name, transcoder_site
 
 from ..activations import ACTIVATIONS
 from ..config import DTYPES, SAEConfig
@@ -137,11 +137,10 @@ def _transcoder_site(hook_in: str | None, hook_out: str | None, where: str) -> s
     if not hook_in or not hook_out:
         raise ValueError(f"{where}: a transcoder needs both its input and output hook names (found {hook_in!r}, "
                          f"{hook_out!r})")
-    a, b = hook_name_to_site(hook_in), hook_name_to_site(hook_out)
-    if a.point != "mlp_in" or b.point != "mlp_out" or a.layer != b.layer:
-        raise ValueError(f"{where}: a transcoder from {hook_in} ({site_name(a)}) to {hook_out} ({site_name(b)}); only "
-                         "a block's MLP input -> the same block's MLP output can replace an MLP here")
-    return f"L{a.layer}TC"
+    try:
+        return transcoder_site(hook_name_to_site(hook_in), hook_name_to_site(hook_out))
+    except ValueError as e:
+        raise ValueError(f"{where}: {hook_in} -> {hook_out}: {e}") from None
 
 
 def _norm_weight_note(hook: str | None) -> dict[str, Any]:
