@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from capture.store import ActivationStore
+from llama3.checkpoint import load_model, resolve_checkpoint
 from llama3.model import parse_site
 from sae import SparseAutoencoder, bind_to_model, load_sae
 from sae.metrics import evaluate_reconstruction
@@ -152,14 +153,11 @@ def measure(sae: SparseAutoencoder, cfg: InspectConfig) -> dict[str, Any]:
 
 def run_inspect(cfg: InspectConfig) -> dict[str, Any]:
     sae = load_sae(cfg.sae, format=cfg.format, site=cfg.site).eval()
+    if cfg.store is not None and sae.cfg.source.get("input_before_norm_weight"):
+        # Measuring on our activations needs the model's norm weight folded in (the report then says so).
+        bind_to_model(sae, load_model(resolve_checkpoint(cfg.ckpt_dir), device="cpu", dtype=torch.float32))
     report = understood(sae)
     if cfg.store is not None:
-        if sae.cfg.source.get("input_before_norm_weight"):
-            from llama3.checkpoint import load_model, resolve_checkpoint
-
-            model = load_model(resolve_checkpoint(cfg.ckpt_dir), device="cpu", dtype=torch.float32)
-            bind_to_model(sae, model)
-            report = understood(sae)
         report["measured"] = measure(sae, cfg)
     return report
 
