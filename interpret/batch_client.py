@@ -209,6 +209,11 @@ class RequestStatus:
     """Non-final tries since the last final line (what ``max_attempts`` counts)."""
     last: dict[str, Any] | None
 
+    @property
+    def failed(self) -> bool:
+        """Ended with a final failure."""
+        return self.done and self.last is not None and self.last.get("status") != "ok"
+
 
 def request_status(records: Sequence[dict[str, Any]], retry_failed: bool) -> RequestStatus:
     """Where one request stands, from its result lines (only those after its last ``reset`` line count)."""
@@ -311,7 +316,7 @@ class JobRunner:
         if not self.opt.retry_failed:
             return
         failed = [cid for cid, s in self.statuses(custom_ids).items()
-                  if s.done and s.last is not None and s.last.get("status") != "ok"]
+                  if s.failed]
         if failed:
             self.reset(failed, "retry-failed")
             self.console.print(f"retrying {len(failed)} request(s) that had failed, up to {self.opt.max_attempts} "

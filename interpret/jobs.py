@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -38,7 +38,7 @@ class LLMJob:
 
     def finish(self, summary: RunSummary, requests: list[Request]) -> list[dict[str, Any]]:
         """Print the run's summary and the requests that ended failed; returns those."""
-        failures = final_failures(self.runner, [r.custom_id for r in requests])
+        failures = [s.last for s in self.runner.statuses([r.custom_id for r in requests]).values() if s.failed]
         print_summary(self.console, summary, self.what, failures, self.runner.results.path)
         return failures
 
@@ -107,7 +107,3 @@ def print_summary(console: Console, summary: RunSummary, what: str, failures: li
         if len(failures) > 10:
             console.print(f"  ... and {len(failures) - 10} more")
 
-
-def final_failures(runner: JobRunner, custom_ids: Iterable[str]) -> list[dict[str, Any]]:
-    return [s.last for s in runner.statuses(custom_ids).values()
-            if s.done and s.last is not None and s.last.get("status") != "ok"]
