@@ -45,7 +45,7 @@ from interpret.labels import run_interpret
 from interpret.records import iter_examples
 from llama3.checkpoint import checkpoint_name, resolve_checkpoint
 from llama3_sae.config import parse_config
-from llama3_sae.files import sha256_file
+from llama3_sae.files import atomic_write_text, sha256_file
 from llama3_sae.paths import cache_root
 from sae import Edit
 from training import TrainConfig, run_train
@@ -197,7 +197,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
     if key_path.is_file() and json.loads(key_path.read_text()) != key:
         console.print("options or data changed since the last demo in this folder: starting over")
         prepare_work_dir(work, fresh=True)
-    key_path.write_text(json.dumps(key, indent=1) + "\n")
+    atomic_write_text(key_path, json.dumps(key, indent=1) + "\n")
     acts, sae_dir = work / "activations", work / "sae"
     timings: dict[str, float] = {}
 
@@ -238,7 +238,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - t_start
 
     results = _results(cfg, ckpt, data, sae_dir, summary, labels_from, purities, shown, engine, steering, timings)
-    (work / RESULTS_FILE).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(work / RESULTS_FILE, json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     _print_numbers(console, results, work)
     return results
 
@@ -412,8 +412,8 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
         base_texts, base_fluency, trials = cached["unsteered_texts"], cached["unsteered_fluency"], cached["trials"]
     else:
         base_texts, base_fluency, trials = _measure(engine, run, tokens, cands, cfg.steer_strengths, topic_words)
-        cache.write_text(json.dumps({"key": key, "unsteered_texts": base_texts, "unsteered_fluency": base_fluency,
-                                     "trials": trials}, ensure_ascii=False) + "\n")
+        record = {"key": key, "unsteered_texts": base_texts, "unsteered_fluency": base_fluency, "trials": trials}
+        atomic_write_text(cache, json.dumps(record, ensure_ascii=False) + "\n")
     ok = [t for t in trials if t["fluency_drop"] <= cfg.max_fluency_drop] or trials
     best = max(ok, key=lambda t: (t["steered_share"] - t["unsteered_share"], t["steered_rate"]))
     _steering_table(console, cfg, trials, best)
