@@ -148,11 +148,8 @@ def test_no_edit_steer_through_the_model_is_identity(model):
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         clean = model(tokens)
-        model.set_hooks(None, sae_hooks(make_sae("per_token"), model))
-        try:
+        with model.hooks(None, sae_hooks(make_sae("per_token"), model)):
             steered = model(tokens)
-        finally:
-            model.set_hooks(None, None)
     assert torch.equal(clean, steered)
 
 
@@ -160,19 +157,15 @@ def test_reconstruct_splice_reaches_the_following_block(model):
     sae = make_sae("dataset", site="L0R")
     tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        model.set_hooks(["L0R", "L1RP"], sae_hooks(sae, model, mode="reconstruct"))
-        try:
+        with model.hooks(["L0R", "L1RP"], sae_hooks(sae, model, mode="reconstruct")):
             model(tokens)
             stored, next_input = model.activations["L0R"], model.activations["L1RP"]
-        finally:
-            model.set_hooks(None, None)
     # The stored L0R is the value before the SAE; block 1 receives decode(encode(it)).
     torch.testing.assert_close(next_input, sae.reconstruct(stored), rtol=0, atol=0)
 
 
 def greedy(model, prompt, n, fns, use_cache):
-    model.set_hooks(None, fns)
-    try:
+    with model.hooks(None, fns):
         if use_cache:
             model.setup_cache(prompt.shape[0], prompt.shape[1] + n)
             logits = model(prompt, 0)
@@ -189,8 +182,6 @@ def greedy(model, prompt, n, fns, use_cache):
                 nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
                 seq = torch.cat([seq, nxt], 1)
         return seq[:, prompt.shape[1]:]
-    finally:
-        model.set_hooks(None, None)
 
 
 def test_steering_with_and_without_kv_cache_gives_the_same_tokens(model):
@@ -248,11 +239,8 @@ def test_transcoder_without_edits_leaves_the_mlp_alone(model):
     tokens = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         clean = model(tokens)
-        model.set_hooks(None, sae_hooks(tc, model))
-        try:
+        with model.hooks(None, sae_hooks(tc, model)):
             same = model(tokens)
-        finally:
-            model.set_hooks(None, None)
     assert torch.equal(clean, same)
 
 
