@@ -105,7 +105,7 @@ class EvalConfig:
         return [s.strip() for s in self.sites.split(",") if s.strip()]
 
 
-def _eval_batch(model: Any, saes: list, part: list, pad_id: int, device: torch.device,
+def _eval_batch(model: Any, saes: list, splices: list[dict[str, dict]], part: list, pad_id: int, device: torch.device,
                 recon: list[ReconstructionStats], ce: dict[str, list]) -> None:
     """One batch of documents: the clean loss, each SAE's reconstruction statistics at its site, and the loss
     with each SAE spliced in and with its site zero-ablated."""
@@ -122,7 +122,7 @@ def _eval_batch(model: Any, saes: list, part: list, pad_id: int, device: torch.d
         target = acts[sae.cfg.output_site][rows_kept] if sae.cfg.is_transcoder else None
         recon[i].update(acts[sae.cfg.input_site][rows_kept], target)
         for key, mode in ((f"sae{i}", "reconstruct"), (f"zero{i}", "zero")):
-            with model.hooks((), sae_hooks(sae, model, mode=mode)):
+            with model.hooks((), splices[i][mode]):
                 _add(ce[key], _ce_sum(model(tokens), tokens, keep))
 
 
@@ -160,9 +160,10 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
     dtype = DTYPES[cfg.dtype]
     ckpt = resolve_checkpoint(cfg.ckpt_dir)
     model = load_model(ckpt, device=device, dtype=dtype, max_seq_len=max(cfg.max_tokens, 2))
+    splices = []  # per SAE, its hooks spliced in and zero-ablated; building them checks layer and width
     for path, sae in zip(cfg.sae, saes):
         try:
-            sae_hooks(sae, model, mode="reconstruct")  # checks layer and width against the model
+            splices.append({mode: sae_hooks(sae, model, mode=mode) for mode in ("reconstruct", "zero")})
         except ValueError as e:
             raise ValueError(f"--sae {path}: {e}") from e
     tokenizer = load_tokenizer(ckpt)
@@ -185,7 +186,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
             n_docs += len(encoded)
             for start in range(0, len(encoded), cfg.batch_size):
                 part = encoded[start:start + cfg.batch_size]
-                _eval_batch(model, saes, part, tokenizer.pad_id or 0, device, recon, ce)
+                _eval_batch(model, saes, splices, part, tokenizer.pad_id or 0, device, recon, ce)
             progress.advance(task, len(window))
     if n_docs == 0:
         raise ValueError(f"--data {', '.join(map(str, cfg.data))}: no documents found")
