@@ -45,7 +45,7 @@ def test_inspect_reports_what_the_loader_understood(tmp_path, capsys):
     assert "raw activation units" in out  # where lm-saes 1.x compares its threshold, and the code scale
     assert main(["inspect-sae", str(path), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["site"] == "L7R" and r["threshold"]["min"] == r["threshold"]["max"] == pytest.approx(0.4)
+    assert r["path"] == str(path) and r["site"] == "L7R" and r["threshold"]["min"] == r["threshold"]["max"] == pytest.approx(0.4)
 
 
 def test_inspect_store_measures_l0_and_explained_variance(tmp_path, capsys):
@@ -74,3 +74,12 @@ def test_inspect_errors_are_one_line(tmp_path, capsys):
     assert main(["inspect-sae", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_names_the_path_of_our_own_sae(tmp_path, capsys):
+    from sae import SAEConfig, SparseAutoencoder
+
+    SparseAutoencoder(SAEConfig(d_model=D, n_latents=L, k=4, site="L2R")).save(tmp_path / "ours")
+    assert main(["inspect-sae", str(tmp_path / "ours")]) == 0
+    out = capsys.readouterr().out
+    assert f"SAE            {tmp_path / 'ours'}" in out and "layout         llama3-sae" in out

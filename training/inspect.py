@@ -75,8 +75,8 @@ def _summary(t: torch.Tensor) -> dict[str, float]:
     return {"min": float(t.min()), "median": float(t.median()), "max": float(t.max())}
 
 
-def understood(sae: SparseAutoencoder) -> dict[str, Any]:
-    """What the loader made of the file, as plain data."""
+def understood(sae: SparseAutoencoder, path: str | Path | None = None) -> dict[str, Any]:
+    """What the loader made of the file at ``path``, as plain data."""
     c, src = sae.cfg, dict(sae.cfg.source)
     norm: dict[str, Any] = {"kind": c.normalization}
     if c.normalization == "dataset":
@@ -89,7 +89,7 @@ def understood(sae: SparseAutoencoder) -> dict[str, Any]:
     if src.get("norm_factors_folded"):
         norm["folded_into_weights"] = src["norm_factors_folded"]
     out: dict[str, Any] = {
-        "path": str(src.get("path", "")), "layout": src.get("format", "llama3-sae"), "weights": src.get("weights"),
+        "path": str(src.get("path") or path or ""), "layout": src.get("format", "llama3-sae"), "weights": src.get("weights"),
         "library_architecture": src.get("architecture"),
         "architecture": c.architecture, "k": c.k, "d_model": c.d_model, "n_latents": c.n_latents, "dtype": c.dtype,
         "site": c.site, "site_meaning": describe_site(c.site), "transcoder": c.is_transcoder,
@@ -156,7 +156,7 @@ def run_inspect(cfg: InspectConfig) -> dict[str, Any]:
     if cfg.store is not None and sae.cfg.source.get("input_before_norm_weight"):
         # Measuring on our activations needs the model's norm weight folded in (the report then says so).
         bind_to_model(sae, load_model(resolve_checkpoint(cfg.ckpt_dir), device="cpu", dtype=torch.float32))
-    report = understood(sae)
+    report = understood(sae, cfg.sae)
     if cfg.store is not None:
         report["measured"] = measure(sae, cfg)
     return report
