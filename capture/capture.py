@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from llama3_sae.config import identity_differences
 from llama3_sae.dist import DistContext, setup_distributed
 from llama3_sae.files import atomic_write_json
 from llama3_sae.prefetch import Prefetcher
@@ -95,7 +96,7 @@ def _decide(cfg: CaptureConfig, sites: list[str], world: int) -> tuple[str, str]
     run_path = state / "run.json"
     if run_path.is_file():
         run = json.loads(run_path.read_text())
-        diff = _differences(run["identity"], ident)
+        diff = identity_differences(run["identity"], ident)
         if (diff or run["world"] != world) and not _has_progress(state):
             # An attempt that failed before committing anything: nothing to keep, start afresh.
             for p in state.glob("progress-r*of*.json"):
@@ -126,7 +127,7 @@ def _decide(cfg: CaptureConfig, sites: list[str], world: int) -> tuple[str, str]
     for s in sites:
         if (cfg.out / s / MANIFEST).is_file():
             manifest = read_manifest(cfg.out / s)
-            diff = _differences(manifest.get("capture", {}), ident)
+            diff = identity_differences(manifest.get("capture", {}), ident)
             if diff:
                 return "error", (f"{cfg.out / s} already holds a capture with other options ({diff}); pick another "
                                  "--out or delete that store.")
@@ -180,11 +181,6 @@ def _has_progress(state: Path) -> bool:
         except (json.JSONDecodeError, KeyError):
             return True
     return False
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> str:
-    keys = sorted(set(a) | set(b))
-    return "; ".join(f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k))
 
 
 def _remove_uncommitted(part_dir: Path, committed: list[dict[str, Any]]) -> None:

@@ -211,3 +211,10 @@ def config_identity(cfg: Any, free: set[str]) -> dict[str, Any]:
             v = [str(Path(x).resolve()) if isinstance(x, Path) else x for x in v]
         out[f.name] = v
     return out
+
+
+def identity_differences(then: dict[str, Any], now: dict[str, Any]) -> str:
+    """The options in which two ``config_identity`` records differ, as "name: then-value -> now-value; ..."
+    (empty when they agree): what a refused resume tells the user."""
+    keys = sorted(set(then) | set(now))
+    return "; ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in keys if then.get(k) != now.get(k))

@@ -193,7 +193,7 @@ def test_rerun_is_noop_and_other_options_are_refused(ckpt, tmp_path, capsys):
             "--no-progress"]
     assert main_capture(argv) == 2
     err = capsys.readouterr().err
-    assert "already holds a capture with other options" in err and "limit: 5 then, 6 now" in err
+    assert "already holds a capture with other options" in err and "limit: 5 -> 6" in err
 
 
 def test_user_errors_are_reported(ckpt, tmp_path, capsys):

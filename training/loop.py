@@ -5,8 +5,9 @@ the decoder gradients onto the unit sphere, gradient clipping, AdamW, the learni
 step), decoder renormalisation, dead-latent counters (all-reduced with MIN), EMA. Every rank holds the
 same all-reduced gradients when it projects, clips and steps, so the replicas stay identical.
 
-``ShardedTrainer`` (``training.sharded``) overrides the methods that touch the model's layout:
-``build_model``, ``forward_backward``, the gradient and decoder operations, and the state gathering.
+Where the parameters live is the layout's business (``training.layouts``): ``Replicated`` for one
+process or DDP, ``LatentSharded`` (``training.sharded``) for --model-parallel > 1. The trainer calls the
+layout for the forward, the gradient and decoder operations and whole-tensor state, and nothing else.
 """
 
 from __future__ import annotations
@@ -22,25 +23,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from torch import nn
 
-from llama3_sae.config import save_config, to_jsonable
+from llama3_sae.config import identity_differences, save_config, to_jsonable
 from llama3_sae.dist import DistContext
-from llama3_sae.files import atomic_write_json
 from llama3_sae.prefetch import Prefetcher
 from llama3_sae.sites import transcoder_site
 from sae import DeadLatentTracker, KSchedule, SAEConfig, SparseAutoencoder
-from sae.activations import ACTIVATIONS
 from sae.io import load_state
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import StoreRows, TrainStream, val_batches
-from .outputs import SUMMARY_FILE, decide_out, write_jumprelu
-from .logging import METRICS_FILE, MetricsLog, TrainDisplay, plot_training_curves, read_metrics
+from .layouts import Replicated
+from .sharded import LatentSharded
+from .outputs import NonFiniteError, decide_out, save_outputs
+from .logging import METRICS_FILE, MetricsLog, TrainDisplay, read_metrics
 
 CONFIG_FILE = "train_config.json"
-PLOT_FILE = "plots/training_curves.png"
 B_PRE_SAMPLE_ROWS = 65536
 """Training rows used to set b_pre when it cannot come from the store statistics (per-token normalisation)."""
 
@@ -73,37 +72,9 @@ def schedule_warnings(cfg, total_steps: int, global_batch: int) -> list[str]:
     return out
 
 
-class NonFiniteError(ValueError):
-    """Training produced NaN or inf: stopped, nothing saved."""
-
-class SAEObjective(nn.Module):
-    """The SAE behind a forward that returns the loss, so that DistributedDataParallel's own forward runs
-    and its gradient all-reduce hooks fire (the original project called a method of ``model.module``,
-    which bypassed them, and every rank trained its own copy)."""
-
-    def __init__(self, sae: SparseAutoencoder, k_aux: int, aux_coeff: float):
-        super().__init__()
-        self.sae, self.k_aux, self.aux_coeff = sae, k_aux, aux_coeff
-
-    def forward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
-                target: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        out = self.sae(x, target=target, k=k, dead_mask=dead_mask, k_aux=self.k_aux, aux_coeff=self.aux_coeff)
-        l0 = (out.code.values > 0).sum(-1).float().mean()
-        return out.loss, out.mse.detach(), out.aux_loss.detach(), out.fired, out.x_hat.detach(), l0
-
-
-@dataclass
-class StepOutput:
-    """What ``forward_backward`` hands back (loss already backpropagated)."""
-
-    loss: torch.Tensor
-    mse: torch.Tensor
-    aux_loss: torch.Tensor
-    fired: torch.Tensor
-    """[latents held by this rank] bool."""
-    x_hat: torch.Tensor
-    """[B, d] reconstruction in the input's space."""
-    l0: torch.Tensor
+def layout_for(cfg: TrainConfig, ctx: DistContext) -> Replicated:
+    """Latent-sharded when --model-parallel > 1, else replicated (one process or DDP)."""
+    return LatentSharded(cfg, ctx) if cfg.model_parallel > 1 else Replicated(cfg, ctx)
 
 
 @dataclass
@@ -116,7 +87,8 @@ class TrainResult:
 class Trainer:
     """Trains one SAE on an activation store with the layout of ``ctx`` (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, console: Console | None = None):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, console: Console | None = None,
+                 layout: Replicated | None = None):
         self.cfg, self.ctx = cfg, ctx
         # soft_wrap: long paths in redirected logs stay on one line.
         self.console = console or Console(stderr=True, quiet=not ctx.is_main, soft_wrap=True)
@@ -143,80 +115,34 @@ class Trainer:
         self.elapsed_before = 0.0
         sae = SparseAutoencoder(self.sae_cfg, seed=cfg.seed)
         self.init_from_data(sae)
-        self.build_model(sae.to(self.device))
-        self.optimizer = torch.optim.AdamW([p for _, p in self.named_parameters()], lr=cfg.lr, betas=cfg.betas,
-                                           eps=cfg.eps, weight_decay=cfg.weight_decay, fused=self.fused_optimizer())
+        self.layout = layout or layout_for(cfg, ctx)
+        self.layout.build(sae.to(self.device))
+        self.tracker = DeadLatentTracker(self.layout.n_local, cfg.dead_after_tokens, device=self.device)
+        self.optimizer = torch.optim.AdamW([p for _, p in self.layout.parameters()], lr=cfg.lr, betas=cfg.betas,
+                                           eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                           fused=self.layout.fused_optimizer())
         warmup = min(cfg.warmup_steps, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, warmup=warmup, total=self.total_steps, final_ratio=cfg.lr_final_ratio))
         self.ema: dict[str, torch.Tensor] | None = None
         if cfg.ema_decay is not None:
-            self.ema = {n: t.detach().clone() for n, t in self.local_params()}
+            self.ema = {n: t.detach().clone() for n, t in self.layout.local_tensors()}
 
-    # ================================================================== layout-specific (overridden)
-    def build_model(self, sae: SparseAutoencoder) -> None:
-        """Set ``self.sae`` (the module whose weights train), ``self.model`` (what the step calls, DDP
-        when there are several ranks) and ``self.tracker``."""
-        self.sae = sae
-        objective = SAEObjective(sae, self.cfg.k_aux, self.cfg.aux_coeff)
-        if self.ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    @property
+    def sae(self) -> SparseAutoencoder | None:
+        """The whole SAE being trained (None when its latents are sharded)."""
+        return self.layout.sae
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Gradients as views of DDP's buckets: no copy between the all-reduce and the optimizer.
-            self.model: nn.Module = DDP(objective, device_ids=ids, gradient_as_bucket_view=True)
-        else:
-            self.model = objective
-        self.tracker = DeadLatentTracker(self.cfg.n_latents, self.cfg.dead_after_tokens, device=self.device)
-
-    def fused_optimizer(self) -> bool | None:
-        """AdamW's fused kernel (one pass over each parameter instead of a dozen elementwise ops; several
-        times faster for wide SAEs on CPU) where it runs: plain float tensors on CPU or CUDA."""
-        return True if self.device.type in ("cpu", "cuda") else None
-
-    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """The trained parameters with their SAE names, in optimizer order."""
-        return list(self.sae.named_parameters())
-
-    def local_params(self) -> list[tuple[str, torch.Tensor]]:
-        """This rank's tensors of the parameters (the whole parameter here; a slice when sharded)."""
-        return [(n, p.data) for n, p in self.named_parameters()]
-
-    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
-                         target: torch.Tensor | None = None) -> StepOutput:
-        with self.autocast():
-            loss, mse, aux, fired, x_hat, l0 = self.model(x, k, dead_mask, target)
-        loss.backward()  # under DDP the gradients are averaged over ranks when this returns
-        return StepOutput(loss.detach(), mse, aux, fired, x_hat, l0)
-
-    def project_decoder_grad_(self) -> None:
-        self.sae.project_decoder_grad_()
-
-    def normalize_decoder_(self) -> None:
-        self.sae.normalize_decoder_()
-
-    def clip_grad_norm_(self) -> torch.Tensor:
-        params = [p for _, p in self.named_parameters()]
-        if self.cfg.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-
-    def sync_after_step(self) -> None:
-        """Make rank-local state equal again after an optimizer step."""
-        if self.ctx.distributed and ACTIVATIONS[self.cfg.architecture].selects_over_batch:
-            # Each rank's threshold follows its own batch; their average is the global batch's estimate.
-            t = self.sae.threshold
-            dist.all_reduce(t)
-            t.div_(self.ctx.world)
-
+    # ================================================================== counters
     def update_dead(self, fired: torch.Tensor) -> None:
         self.tracker.update(fired, n_tokens=self.stream.global_batch)
         if self.ctx.data_parallel > 1:
             self.tracker.all_reduce_(group=self.ctx.dp_group)
 
     def dead_fraction(self) -> float:
-        return self.tracker.dead_fraction
+        n = self.layout.sum_over_latent_shards(self.tracker.dead_mask.sum().reshape(1).to(torch.int64))
+        return int(n) / self.cfg.n_latents
 
     def dead_over_training(self) -> tuple[int, float]:
         """(window, share of latents that did not fire in the last ``window`` training rows), the window being
@@ -226,45 +152,6 @@ class Trainer:
 
     def dead_mask(self) -> torch.Tensor | None:
         return self.tracker.dead_mask if self.use_aux else None
-
-    @torch.no_grad()
-    def eval_batch(self, x: torch.Tensor, target: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_hat [B, d], active latents in the batch, firing counts of this rank's latents, normalised MSE)."""
-        self.sae.eval()  # BatchTopK uses its inference threshold
-        try:
-            out = self.sae(x, target=target)
-        finally:
-            self.sae.train()
-        on = out.code.values > 0
-        counts = torch.bincount(out.code.indices[on], minlength=self.cfg.n_latents)
-        return out.x_hat.float(), on.sum(), counts, out.mse
-
-    def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Whole tensors from this rank's pieces (named like ``local_params``); identity when unsharded."""
-        return tensors
-
-    def load_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's piece of a whole tensor ``name``."""
-        return full
-
-    def full_model_state(self, *, ema: bool = False) -> dict[str, torch.Tensor]:
-        """The SAE's full state dict (parameters from the EMA when ``ema``). Collective when sharded."""
-        state = {k: v.detach() for k, v in self.sae.state_dict().items()}
-        if ema:
-            assert self.ema is not None
-            state.update(self.ema)
-        return state
-
-    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
-        load_state(self.sae, {k: v.to(self.sae.state_dict()[k].dtype) for k, v in state.items()},
-                   where="checkpoint")
-
-    def optimizer_state_full(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state)
 
     # ================================================================== setup
     def init_from_data(self, sae: SparseAutoencoder) -> None:
@@ -307,22 +194,26 @@ class Trainer:
         x, y = batch if isinstance(batch, tuple) else (batch, None)
         k = self.k_schedule(self.step)
         lr = self.optimizer.param_groups[0]["lr"]
+        layout = self.layout
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.forward_backward(x, k, self.dead_mask(), y)
-        self.project_decoder_grad_()
-        grad_norm = self.clip_grad_norm_()
+        with self.autocast():
+            out = layout.forward(x, k, self.dead_mask(), y)
+        out.loss.backward()  # under DDP the gradients are averaged over ranks when this returns
+        layout.reduce_gradients()
+        layout.project_decoder_grad_()
+        grad_norm = layout.clip_grad_norm_()
         self.optimizer.step()
         self.scheduler.step()
-        self.normalize_decoder_()
-        self.sync_after_step()
+        layout.normalize_decoder_()
+        layout.sync_after_step()
         self.update_dead(out.fired)
         if self.ema is not None:
-            for name, t in self.local_params():
+            for name, t in layout.local_tensors():
                 self.ema[name].lerp_(t, 1 - self.cfg.ema_decay)
         self.step += 1
         xf = (x if y is None else y).float()
         ev = 1 - (out.x_hat.float() - xf).pow(2).sum() / (xf - xf.mean(0)).pow(2).sum().clamp_min(1e-30)
-        return {"loss": out.loss.float(), "mse": out.mse.float(), "aux_loss": out.aux_loss.float(),
+        return {"loss": out.loss.detach().float(), "mse": out.mse.float(), "aux_loss": out.aux_loss.float(),
                 "l0": out.l0.float(), "explained_variance": ev.float(), "grad_norm": grad_norm.detach().float(),
                 "lr": torch.tensor(lr), "k": torch.tensor(float(k))}
 
@@ -342,7 +233,7 @@ class Trainer:
             x = x.to(self.device)
             y = None if y is None else y.to(self.device)
             with self.autocast():
-                x_hat, active, c, mse_n = self.eval_batch(x, y)
+                x_hat, active, c, mse_n = self.layout.eval_batch(x, y)
             xd = (x if y is None else y).double()  # what was reconstructed: a transcoder's MLP output
             n_rows = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)
             sums += torch.stack([(x_hat.double() - xd).pow(2).sum(), xd.pow(2).sum(), active.double(), n_rows,
@@ -350,23 +241,19 @@ class Trainer:
             sum_x += xd.sum(0)
             counts = c if counts is None else counts + c
         if counts is None:  # this rank's share of the held-out rows is empty
-            counts = torch.zeros(self.local_latents(), dtype=torch.int64, device=self.device)
+            counts = torch.zeros(self.layout.n_local, dtype=torch.int64, device=self.device)
         if self.ctx.data_parallel > 1:
             for t in (sums, sum_x, counts):
                 dist.all_reduce(t, group=self.ctx.dp_group)
         err2, sum_x2, active, n, err2_n = sums.tolist()
-        dead = torch.tensor([float((counts == 0).sum()), float((counts > 0.1 * n).sum())], device=self.device)
-        if self.ctx.model_parallel > 1:
-            dist.all_reduce(dead, group=self.ctx.mp_group)
+        dead = self.layout.sum_over_latent_shards(
+            torch.tensor([float((counts == 0).sum()), float((counts > 0.1 * n).sum())], device=self.device))
         total_var = sum_x2 - float(sum_x.pow(2).sum()) / n
         return {"l0": active / n, "mse": err2_n / (n * d), "mse_raw": err2 / (n * d),
                 "explained_variance": 1 - err2 / total_var,
                 "dead_fraction": float(dead[0]) / self.cfg.n_latents,
                 "dense_fraction": float(dead[1]) / self.cfg.n_latents,
                 "rows": int(n)}
-
-    def local_latents(self) -> int:
-        return self.cfg.n_latents
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -375,27 +262,28 @@ class Trainer:
             yield
             return
         with torch.no_grad():
-            backup = {n: t.clone() for n, t in self.local_params()}
-            for n, t in self.local_params():
+            backup = {n: t.clone() for n, t in self.layout.local_tensors()}
+            for n, t in self.layout.local_tensors():
                 t.copy_(self.ema[n])
         try:
             yield
         finally:
             with torch.no_grad():
-                for n, t in self.local_params():
+                for n, t in self.layout.local_tensors():
                     t.copy_(backup[n])
 
     # ================================================================== checkpoints
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything a resumed run needs, as whole tensors (collective when sharded)."""
-        names = [n for n, _ in self.named_parameters()]
-        tensors = {f"model.{k}": v for k, v in self.full_model_state().items()}
-        optim_tensors, groups = ckpt.flatten_optimizer(self.optimizer_state_full(), names)
+        layout = self.layout
+        names = [n for n, _ in layout.parameters()]
+        tensors = {f"model.{k}": v for k, v in layout.full_state().items()}
+        optim_tensors, groups = ckpt.flatten_optimizer(layout.optimizer_state(self.optimizer), names)
         tensors.update(optim_tensors)
-        tensors.update({f"tracker.{k}": v for k, v in self.full_tensors(
+        tensors.update({f"tracker.{k}": v for k, v in layout.gather(
             {"tokens_since_fired": self.tracker.tokens_since_fired}).items()})
         if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.full_tensors(dict(self.ema)).items()})
+            tensors.update({f"ema.{k}": v for k, v in layout.gather(dict(self.ema)).items()})
         tensors.update(ckpt.rng_tensors())
         meta = {
             "rows_consumed": self.step * self.stream.global_batch,
@@ -421,7 +309,7 @@ class Trainer:
                 "bf16 or fp32), or lower --lr")
 
     def _check_finite(self) -> None:
-        bad = [n for n, p in self.named_parameters() if not bool(torch.isfinite(p).all())]
+        bad = [n for n, p in self.layout.parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             raise NonFiniteError(f"refusing to save: {', '.join(bad)} hold non-finite values at step {self.step:,}")
 
@@ -434,7 +322,7 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         tensors, meta = ckpt.load_checkpoint(path)
-        diffs = _differences(meta.get("identity", {}), self.cfg.identity())
+        diffs = identity_differences(meta.get("identity", {}), self.cfg.identity())
         if diffs:
             raise ValueError(f"{path} was written by a run with different options ({diffs}). Re-run with the "
                              "original options to resume, or pass --overwrite (or another --out) to start over.")
@@ -449,17 +337,18 @@ class Trainer:
         if meta["global_batch"] != self.stream.global_batch:
             raise ValueError(f"{path}: the run used a global batch of {meta['global_batch']} rows per step, this one "
                              f"{self.stream.global_batch} (--batch-size x data-parallel ranks); keep it to resume")
-        names = [n for n, _ in self.named_parameters()]
-        self.load_model_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        layout = self.layout
+        names = [n for n, _ in layout.parameters()]
+        layout.load_full_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         optim = ckpt.unflatten_optimizer(tensors, meta["optimizer_param_groups"], names)
-        self.load_optimizer_state(optim)
+        layout.load_optimizer_state(self.optimizer, optim)
         self.scheduler.load_state_dict(meta["scheduler"])
-        self.tracker.load_state_dict({"tokens_since_fired": self.load_local(
+        self.tracker.load_state_dict({"tokens_since_fired": layout.piece(
             "tokens_since_fired", tensors["tracker.tokens_since_fired"]).to(self.device),
             "dead_after_tokens": self.cfg.dead_after_tokens})
         if self.ema is not None:
             for n in self.ema:
-                self.ema[n].copy_(self.load_local(n, tensors[f"ema.{n}"]))
+                self.ema[n].copy_(layout.piece(n, tensors[f"ema.{n}"]))
         ckpt.restore_rng(tensors)
         self.step = self.start_step = int(meta["step"])
         self.elapsed_before = float(meta.get("elapsed_s", 0.0))
@@ -592,7 +481,7 @@ class Trainer:
     def final_sae(self) -> SparseAutoencoder | None:
         """The trained SAE on rank 0 (None elsewhere): the live weights, or the EMA with its decoder
         norms folded into the encoder so that every decoder row has unit norm again."""
-        state = self.full_model_state(ema=self.ema is not None)
+        state = self.layout.full_state(self.ema)
         if not self.ctx.is_main:
             return None
         sae = SparseAutoencoder(self.sae_cfg, seed=None)
@@ -613,36 +502,15 @@ class Trainer:
             if not any(r.get("split") == "val" and r.get("step") == self.step for r in records):
                 log.log(val)
                 records.append(val)
-            if not all(bool(torch.isfinite(t).all()) for t in sae.state_dict().values()):
-                raise NonFiniteError(f"refusing to save the SAE to {self.out}: its weights hold non-finite values")
-            sae.save(self.out)
             window, dead = self.dead_over_training()
-            # Dead is measured on training rows: the held-out split (a few hundred rows) is far too small to say
-            # that a latent never fires.
-            self.console.print(f"saved the SAE to {self.out}: val L0 {val['l0']:.1f}, explained variance "
-                               f"{val['explained_variance']:.4f}; dead {dead:.2%} (no activation in the last "
-                               f"{window:,} training rows)", highlight=False)
-            last_train = next((r for r in reversed(records) if r.get("split") == "train"), {})
-            summary = {
-                "steps": self.step, "resumed_from_step": self.start_step,
-                "tokens": self.step * self.stream.global_batch,
-                "epochs": self.stream.epoch_of(self.step), "global_batch": self.stream.global_batch,
-                "world": self.ctx.world, "model_parallel": self.ctx.model_parallel,
-                "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0,
-                "ema": cfg.ema_decay is not None,
-                "val": {k: v for k, v in val.items() if k not in ("split", "step", "tokens", "epoch")},
-                "train_last": {k: v for k, v in last_train.items() if k not in ("split",)},
-                "sae_config": sae.cfg.to_dict(),
-            }
-            if cfg.jumprelu:
-                summary["jumprelu"] = write_jumprelu(sae, self.rows, self.stream, self.cfg, self.out, self.console)
-            if cfg.plots:
-                try:
-                    summary["plot"] = str(plot_training_curves(records, self.out / PLOT_FILE))
-                except ImportError:
-                    self.console.print("note: matplotlib is not installed, so no plots were written "
-                                       "(pip install 'llama3-sae[plots]')", highlight=False)
-            atomic_write_json(self.out / SUMMARY_FILE, summary, indent=2)
+            run = {"steps": self.step, "resumed_from_step": self.start_step,
+                   "tokens": self.step * self.stream.global_batch,
+                   "epochs": self.stream.epoch_of(self.step), "global_batch": self.stream.global_batch,
+                   "world": self.ctx.world, "model_parallel": self.ctx.model_parallel,
+                   "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0,
+                   "ema": cfg.ema_decay is not None}
+            summary = save_outputs(sae, val, records, run, dead=(window, dead), rows=self.rows, stream=self.stream,
+                                   cfg=cfg, console=self.console)
         self.ctx.barrier()
         return summary
 
@@ -654,8 +522,3 @@ def _transcoder_of_stores(input_site: str, target_site: str) -> str:
     except ValueError as e:
         raise ValueError(f"{e}: --store must be an L{{L}}MI store and --target-store the L{{L}}M store of the same "
                          "layer (capture --sites L{L}TC writes both)") from None
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    keys = sorted(set(old) | set(new))
-    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))

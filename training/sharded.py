@@ -26,10 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from sae import DeadLatentTracker, SparseAutoencoder
+from llama3_sae.dist import DistContext
+from sae import SparseAutoencoder
 from sae.sparse import gathered_relu_linear, sparse_decode
 
-from .loop import StepOutput, Trainer
+from .config import TrainConfig
+from .layouts import Replicated, StepOutput
 
 _SHARDED = ("W_enc", "b_enc", "W_dec")
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_pre")
@@ -171,118 +173,120 @@ class ShardedSAE(nn.Module):
         return loss, mse.detach(), aux_loss.detach(), counts, x_hat.detach(), l0
 
 
-class ShardedTrainer(Trainer):
-    """The training loop with the latents split over the "model" mesh dimension (--model-parallel)."""
+class LatentSharded(Replicated):
+    """The layout of --model-parallel > 1: the latents split over the "model" mesh dimension, gradients
+    averaged over the "data" axis by hand (DDP does not take DTensor parameters)."""
 
-    def build_model(self, sae: SparseAutoencoder) -> None:
-        if self.ctx.mesh is None:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+        super().__init__(cfg, ctx)
+        if ctx.mesh is None:
             raise ValueError("--model-parallel > 1 needs several processes: launch with torchrun --nproc-per-node N")
-        self.model = ShardedSAE(sae, self.ctx.mesh)
-        self.sae = None  # type: ignore[assignment]  # the whole SAE exists only when gathered
-        # Counters of this rank's latents; all-reduced over the "data" axis only.
-        self.tracker = DeadLatentTracker(self.model.n_local, self.cfg.dead_after_tokens, device=self.device)
+        self.sharded: ShardedSAE | None = None
 
-    def local_latents(self) -> int:
-        return self.model.n_local
+    @property
+    def n_local(self) -> int:
+        return self.sharded.n_local if self.sharded is not None else self.cfg.n_latents // self.ctx.model_parallel
+
+    def build(self, sae: SparseAutoencoder) -> None:
+        self.sharded = ShardedSAE(sae, self.ctx.mesh)
+        self.model = self.sharded
+        self.sae = None
 
     def fused_optimizer(self) -> bool | None:
         return None  # DTensor parameters: the default (for-each) AdamW, which DTensor dispatches shard-wise
 
-    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, getattr(self.model, n)) for n in _PARAMS]
+    def parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, getattr(self.sharded, n)) for n in _PARAMS]
 
-    def local_params(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p.to_local().detach()) for n, p in self.named_parameters()]
+    def local_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.to_local().detach()) for n, p in self.parameters()]
 
-    def forward_backward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
-                         target: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
+                target: torch.Tensor | None) -> StepOutput:
         assert target is None, "latent sharding trains SAEs, not transcoders (TrainConfig refuses the pair)"
-        with self.autocast():
-            loss, mse, aux, counts, x_hat, l0 = self.model(x, k, dead_mask, self.cfg.k_aux, self.cfg.aux_coeff)
-        loss.backward()
-        fired = counts > 0
+        loss, mse, aux, counts, x_hat, l0 = self.sharded(x, k, dead_mask, self.cfg.k_aux, self.cfg.aux_coeff)
+        return StepOutput(loss, mse, aux, counts > 0, x_hat, l0)
+
+    def reduce_gradients(self) -> None:
         if self.ctx.data_parallel > 1:
-            for _, p in self.named_parameters():
+            for _, p in self.parameters():
                 g = p.grad.to_local()
                 dist.all_reduce(g, group=self.ctx.dp_group)
                 g.div_(self.ctx.data_parallel)
-        return StepOutput(loss.detach(), mse, aux, fired, x_hat, l0)
 
     @torch.no_grad()
     def project_decoder_grad_(self) -> None:
-        w, g = self.model.local("W_dec"), self.model.W_dec.grad.to_local()
+        w, g = self.sharded.local("W_dec"), self.sharded.W_dec.grad.to_local()
         coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-24)
         g.sub_(w * coef[:, None])
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        w = self.model.local("W_dec")
+        w = self.sharded.local("W_dec")
         w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def clip_grad_norm_(self) -> torch.Tensor:
-        sq = torch.zeros(2, dtype=torch.float32, device=self.device)  # sharded, replicated
-        for name, p in self.named_parameters():
+        sq = torch.zeros(2, dtype=torch.float32, device=self.ctx.device)  # sharded, replicated
+        for name, p in self.parameters():
             sq[0 if name in _SHARDED else 1] += p.grad.to_local().float().pow(2).sum()
         sharded = sq[:1].clone()
         dist.all_reduce(sharded, group=self.ctx.mp_group)
         total = (sharded[0] + sq[1]).sqrt()
         if self.cfg.grad_clip > 0:
             coef = (self.cfg.grad_clip / (total + 1e-6)).clamp(max=1.0)
-            for _, p in self.named_parameters():
+            for _, p in self.parameters():
                 p.grad.to_local().mul_(coef)
         return total
 
     def sync_after_step(self) -> None:
-        pass
+        pass  # TopK only: no batch-dependent state
 
-    def dead_fraction(self) -> float:
-        n = self.tracker.dead_mask.sum().reshape(1).to(torch.int64)
-        dist.all_reduce(n, group=self.ctx.mp_group)
-        return int(n) / self.cfg.n_latents
+    def sum_over_latent_shards(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=self.ctx.mp_group)
+        return t
 
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, target: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         assert target is None, "latent sharding trains SAEs, not transcoders (TrainConfig refuses the pair)"
-        _, mse, _, counts, x_hat, l0 = self.model(x, self.cfg.k, None, 0, 0.0)
-        return x_hat.float(), l0 * x.reshape(-1, self.rows.d_model).shape[0], counts, mse
+        _, mse, _, counts, x_hat, l0 = self.sharded(x, self.cfg.k, None, 0, 0.0)
+        return x_hat.float(), l0 * x.reshape(-1, self.sharded.cfg.d_model).shape[0], counts, mse
 
     # ------------------------------------------------------------------ whole tensors <-> slices
-    def full_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, t in tensors.items():
-            placements = self.model.placements.get(name, [Replicate(), Shard(0)])  # tracker counters: per latent
-            out[name] = DTensor.from_local(t.contiguous(), self.ctx.mesh, placements).full_tensor()
-        return out
+    def _placements(self, name: str) -> list[Any]:
+        return self.sharded.placements.get(name, [Replicate(), Shard(0)])  # tracker counters: per latent
 
-    def load_local(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        placements = self.model.placements.get(name, [Replicate(), Shard(0)])
-        if isinstance(placements[1], Shard):
-            return full.chunk(self.model.group_size, dim=0)[self.model.local_rank].clone()
+    def gather(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: DTensor.from_local(t.contiguous(), self.ctx.mesh, self._placements(name)).full_tensor()
+                for name, t in tensors.items()}
+
+    def piece(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        if isinstance(self._placements(name)[1], Shard):
+            return full.chunk(self.sharded.group_size, dim=0)[self.sharded.local_rank].clone()
         return full.clone()
 
-    def full_model_state(self, *, ema: bool = False) -> dict[str, torch.Tensor]:
-        source = dict(self.ema) if ema else {n: t for n, t in self.local_params()}
-        state = self.full_tensors(source)
-        state.update({n: b.detach() for n, b in self.model.named_buffers()})
+    def full_state(self, ema: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        state = self.gather(dict(ema) if ema is not None else dict(self.local_tensors()))
+        state.update({n: b.detach() for n, b in self.sharded.named_buffers()})
         return state
 
-    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.to_local().copy_(self.load_local(name, state[name]))
-            for name, b in self.model.named_buffers():
+            for name, p in self.parameters():
+                p.to_local().copy_(self.piece(name, state[name]))
+            for name, b in self.sharded.named_buffers():
                 b.copy_(state[name])
 
-    def optimizer_state_full(self) -> dict[str, Any]:
-        state = self.optimizer.state_dict()
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = optimizer.state_dict()
         full_state = {idx: {key: (v.full_tensor() if isinstance(v, DTensor) else v) for key, v in per_param.items()}
                       for idx, per_param in state["state"].items()}
         return {"state": full_state, "param_groups": state["param_groups"]}
 
-    def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        params = self.named_parameters()
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        params = self.parameters()
         converted = {}
         for idx, per_param in state["state"].items():
             name, _ = params[idx]
@@ -291,6 +295,6 @@ class ShardedTrainer(Trainer):
                 if key == "step" or v.dim() == 0:
                     converted[idx][key] = v
                 else:
-                    local = self.load_local(name, v).to(self.device)
-                    converted[idx][key] = DTensor.from_local(local, self.ctx.mesh, self.model.placements[name])
-        self.optimizer.load_state_dict({"state": converted, "param_groups": state["param_groups"]})
+                    local = self.piece(name, v).to(self.ctx.device)
+                    converted[idx][key] = DTensor.from_local(local, self.ctx.mesh, self.sharded.placements[name])
+        optimizer.load_state_dict({"state": converted, "param_groups": state["param_groups"]})
