@@ -43,8 +43,9 @@ from llama3.model import Transformer, site_name
 from .batching import EncodedDoc, collate, encode_window, plan_batches
 from .config import DTYPES, CaptureConfig
 from .sources import SourceStats, count_records, iter_documents, rank_documents, resolve_files, skip_documents
-from .store import DTYPE_NAMES, FORMAT, MANIFEST, VERSION, FileLock, read_manifest, shard_name, write_manifest
-from .writer import Outbox, WriterHandle, WriterSpec, new_progress
+from .records import FORMAT, MANIFEST, Manifest, Progress, ShardEntry
+from .store import DTYPE_NAMES, FileLock, shard_name
+from .writer import Outbox, WindowEnd, WriterHandle, WriterSpec
 
 STATE_DIR = ".capture"
 PARTS_DIR = ".parts"
@@ -126,8 +127,7 @@ def _decide(cfg: CaptureConfig, sites: list[str], world: int) -> tuple[str, str]
     complete = []
     for s in sites:
         if (cfg.out / s / MANIFEST).is_file():
-            manifest = read_manifest(cfg.out / s)
-            diff = identity_differences(manifest.get("capture", {}), ident)
+            diff = identity_differences(Manifest.read(cfg.out / s).capture, ident)
             if diff:
                 return "error", (f"{cfg.out / s} already holds a capture with other options ({diff}); pick another "
                                  "--out or delete that store.")
@@ -176,14 +176,14 @@ def _has_progress(state: Path) -> bool:
         return True
     for p in state.glob("progress-r*of*.json"):
         try:
-            if json.loads(p.read_text())["docs_done"] > 0:
+            if Progress.read(p).docs_done > 0:
                 return True
-        except (json.JSONDecodeError, KeyError):
+        except ValueError:  # unreadable: count it as progress, so nothing is thrown away unasked
             return True
     return False
 
 
-def _remove_uncommitted(part_dir: Path, committed: list[dict[str, Any]]) -> None:
+def _remove_uncommitted(part_dir: Path, committed: list[ShardEntry]) -> None:
     """Shards or temporary files a killed writer left behind that its progress file does not list."""
     keep = {e["file"] for e in committed}
     if part_dir.is_dir():
@@ -277,12 +277,14 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
             summary = _summary_from_manifests(cfg, sites)
             summary.status = "already complete"
             return summary
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.ckpt_dir, cfg.tokenizer)
         local = CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed")  # "finalize": only that left
         if decision[0] == "capture":
             local = _capture_rank(cfg, sites, dist_info, device, model, tokenizer, console)
         dist_info.barrier()
         if rank == 0:
-            _finalize(cfg, sites, world)
+            _finalize(cfg, sites, world, _describe_model(cfg, params, tokenizer))
         dist_info.barrier()
         # Throughput of this run over all ranks: their tokens over the slowest rank's time.
         work = dist_info.gather_object((local.tokens_this_run, local.seconds))
@@ -309,20 +311,16 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: DistContext, device: 
     lock.acquire(exclusive=True, timeout=LOCK_TIMEOUT_S, what=f"rank {rank}'s part of {cfg.out}")
     try:
         ppath = _progress_path(cfg, rank, world)
-        progress = json.loads(ppath.read_text()) if ppath.is_file() else new_progress(rank, world, sites)
+        progress = Progress.read(ppath) if ppath.is_file() else Progress.new(rank, world, sites)
         for s in sites:
             part = _part_dir(cfg, s, rank, world)
             part.mkdir(parents=True, exist_ok=True)
-            _remove_uncommitted(part, progress["shards"][s])
-        if progress["finished"]:
+            _remove_uncommitted(part, progress.shards[s])
+        if progress.finished:
             return CaptureSummary(stores=[cfg.out / s for s in sites], status="resumed")
         lock.acquire(exclusive=False, timeout=LOCK_TIMEOUT_S)  # let our writer in, keep others out
 
         params = model.params if model is not None else read_model_args(cfg.ckpt_dir)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.ckpt_dir, cfg.tokenizer)
-        tok_path = getattr(tokenizer, "model_path", None) or getattr(tokenizer, "name", "")
-        progress.update(d_model=params.dim, model_args=dataclasses.asdict(params), tokenizer=str(tok_path))
         store_dtype = DTYPES[cfg.dtype]
         spec = WriterSpec(
             sites=sites,
@@ -351,7 +349,7 @@ def _capture_rank(cfg: CaptureConfig, sites: list[str], d: DistContext, device: 
 
 
 def _run_loop(cfg: CaptureConfig, sites: list[str], d: DistContext, model: Transformer, tokenizer: Any, chat_format: Any,
-              progress: dict[str, Any], writer: "WriterHandle", console: Any) -> CaptureSummary:
+              progress: Progress, writer: WriterHandle, console: Any) -> CaptureSummary:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -363,7 +361,7 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: DistContext, model: Trans
     store_dtype = DTYPES[cfg.dtype]
     files = resolve_files(cfg.data, cfg.format)
     source_stats = SourceStats()
-    skip = int(progress["docs_done"])
+    skip = progress.docs_done
     docs = rank_documents(iter_documents(cfg, source_stats, files), rank, world)
     windows = Prefetcher(_windows(cfg, docs, skip, tokenizer, chat_format), 2, name="capture-prefetch")
     bar = Progress(TextColumn(f"capture {','.join(sites)}" + (f" rank {rank}/{world}" if world > 1 else "")),
@@ -398,12 +396,12 @@ def _run_loop(cfg: CaptureConfig, sites: list[str], d: DistContext, model: Trans
                     elapsed = time.perf_counter() - t0
                     bar.update(task, tps=f"{summary.tokens_this_run / max(elapsed, 1e-9):,.0f} tok/s")
             outbox.flush()
-            writer.put(("window", counters))
+            writer.put(WindowEnd(counters))
             writer.check()
             bar.update(task, advance=counters["docs"])
         progress = writer.finish()
     summary.seconds = time.perf_counter() - t0
-    summary.counters = dict(progress["counters"])
+    summary.counters = dict(progress.counters)
     summary.rows = summary.counters.get("rows", 0)
     summary.docs = summary.counters.get("docs", 0)
     summary.tokens = summary.counters.get("tokens", 0)
@@ -422,54 +420,47 @@ def _count_for_eta(bar: Any, task: Any, files: list, limit: int | None, rank: in
 
 
 # --------------------------------------------------------------------------- finalize
-def _finalize(cfg: CaptureConfig, sites: list[str], world: int) -> None:
-    """Rank 0, after every rank finished: parts -> OUT/<site>/shard-NNNNNN, manifests, remove run state."""
+def _describe_model(cfg: CaptureConfig, params: Any, tokenizer: Any) -> dict[str, Any]:
+    """The manifest fields that say which model and tokenizer produced the rows."""
+    tok_path = getattr(tokenizer, "model_path", None) or getattr(tokenizer, "name", "")
+    return {"d_model": params.dim, "model_args": dataclasses.asdict(params), "tokenizer": str(tok_path),
+            "model": checkpoint_name(cfg.ckpt_dir)}
+
+
+def _finalize(cfg: CaptureConfig, sites: list[str], world: int, model: dict[str, Any]) -> None:
+    """Rank 0, after every rank finished: parts -> OUT/<site>/shard-NNNNNN, manifests, remove run state.
+    ``model``: the manifests' model fields (``_describe_model``)."""
     state = _state(cfg)
     plan_path = state / "finalize.json"
     if not plan_path.is_file():
         progresses = []
         for r in range(world):
             p = _progress_path(cfg, r, world)
-            prog = json.loads(p.read_text()) if p.is_file() else None
-            if prog is None or not prog["finished"]:
+            prog = Progress.read(p) if p.is_file() else None
+            if prog is None or not prog.finished:
                 raise RuntimeError(f"rank {r} has not finished its share ({p}); on several nodes OUT must be on a "
                                    "filesystem all nodes share. Re-run the capture to finish it.")
             progresses.append(prog)
         counters: dict[str, int] = {}
         for prog in progresses:
-            for k, v in prog["counters"].items():
+            for k, v in prog.counters.items():
                 counters[k] = counters.get(k, 0) + v
         moves: list[tuple[str, str]] = []
         manifests = {}
         run = json.loads((state / "run.json").read_text())
         for s in sites:
-            entries = []
+            entries: list[ShardEntry] = []
             for r, prog in enumerate(progresses):
-                for e in prog["shards"][s]:
+                for e in prog.shards[s]:
                     dst = shard_name(len(entries))
                     moves.append((f"{s}/{PARTS_DIR}/r{r}of{world}/{e['file']}", f"{s}/{dst}"))
                     entries.append({**e, "file": dst, "rank": r})
-            manifests[s] = {
-                "format": FORMAT,
-                "version": VERSION,
-                "d_model": progresses[0]["d_model"],
-                "dtype": DTYPE_NAMES[DTYPES[cfg.dtype]],
-                "site": s,
-                "model": checkpoint_name(cfg.ckpt_dir),
-                "bos": cfg.bos,
-                "first_token_excluded": not cfg.store_first_token,
-                "model_args": progresses[0]["model_args"],
-                "tokenizer": progresses[0]["tokenizer"],
-                "num_rows": sum(e["rows"] for e in entries),
-                "num_docs": counters.get("docs", 0),
-                "num_tokens": counters.get("tokens", 0),
-                "shards": entries,
-                "capture": run["identity"],
-                "world_size": world,
-                "counters": counters,
-                "started": run.get("started"),
-                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            }
+            manifests[s] = Manifest(
+                **model, dtype=DTYPE_NAMES[DTYPES[cfg.dtype]], site=s, shards=entries, bos=cfg.bos,
+                first_token_excluded=not cfg.store_first_token, num_rows=sum(e["rows"] for e in entries),
+                num_docs=counters.get("docs", 0), num_tokens=counters.get("tokens", 0), capture=run["identity"],
+                world_size=world, counters=counters, started=run.get("started"),
+                finished=datetime.datetime.now().isoformat(timespec="seconds")).to_dict()
         atomic_write_json(plan_path, {"moves": moves, "manifests": manifests})
     plan = json.loads(plan_path.read_text())
     for src, dst in plan["moves"]:
@@ -479,7 +470,7 @@ def _finalize(cfg: CaptureConfig, sites: list[str], world: int) -> None:
             raise RuntimeError(f"finalizing {cfg.out}: neither {src} nor {dst} exists; the store is damaged. "
                                "Delete OUT and capture again.")
     for s, manifest in plan["manifests"].items():
-        write_manifest(cfg.out / s, manifest)
+        Manifest.from_dict(manifest, plan_path).write(cfg.out / s)
     for s in plan["manifests"]:
         shutil.rmtree(cfg.out / s / PARTS_DIR, ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
@@ -488,11 +479,11 @@ def _finalize(cfg: CaptureConfig, sites: list[str], world: int) -> None:
 def _summary_from_manifests(cfg: CaptureConfig, sites: list[str]) -> CaptureSummary:
     summary = CaptureSummary(stores=[cfg.out / s for s in sites])
     for i, s in enumerate(sites):
-        m = read_manifest(cfg.out / s)
-        summary.bytes += sum((cfg.out / s / e["file"]).stat().st_size for e in m["shards"])
+        m = Manifest.read(cfg.out / s)
+        summary.bytes += sum((cfg.out / s / e["file"]).stat().st_size for e in m.shards)
         if i == 0:
-            summary.rows, summary.docs, summary.tokens = m["num_rows"], m["num_docs"], m["num_tokens"]
-            summary.counters = dict(m.get("counters", {}))
+            summary.rows, summary.docs, summary.tokens = m.num_rows, m.num_docs, m.num_tokens
+            summary.counters = dict(m.counters)
     return summary
 
 

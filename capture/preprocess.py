@@ -17,6 +17,7 @@ permutation of all rows, and no worker ever holds more than one input shard or o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import math
@@ -33,8 +34,8 @@ import torch
 from safetensors import safe_open
 
 from .config import PreprocessConfig
-from .store import (COLUMNS, MANIFEST, STATS_FILE, ActivationStore, read_tensors, shard_name,
-                    write_manifest, write_shard, write_tensors)
+from .store import (COLUMNS, MANIFEST, STATS_FILE, ActivationStore, read_tensors, shard_name, write_shard,
+                    write_tensors)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -221,13 +222,13 @@ def run_preprocess(cfg: PreprocessConfig, console: Any = None) -> PreprocessSumm
     out_dir = cfg.shuffle_out or (cfg.store / "shuffled")
     if out_dir.resolve() == cfg.store.resolve():
         raise ValueError("--shuffle-out must differ from --store")
-    done_stats = "stats" in manifest and (cfg.store / manifest["stats"]["file"]).is_file()
+    done_stats = manifest.stats is not None and (cfg.store / manifest.stats["file"]).is_file()
     done_shuffle = (out_dir / MANIFEST).is_file()
     if done_stats and (done_shuffle or not cfg.shuffle) and not cfg.overwrite:
         shuffled = out_dir if done_shuffle and cfg.shuffle else None
         return PreprocessSummary(cfg.store, store.num_rows, len(store.shards), shuffled,
                                  len(ActivationStore(out_dir).shards) if shuffled else 0,
-                                 float(manifest["stats"]["mean_norm"]), 0.0, status="already done")
+                                 float(manifest.stats["mean_norm"]), 0.0, status="already done")
     if cfg.shuffle and out_dir.exists():
         foreign = [p.name for p in out_dir.iterdir() if not _ours(p.name)]
         if foreign:
@@ -272,9 +273,9 @@ def _passes(cfg: PreprocessConfig, store: ActivationStore, jobs: list[_ScatterJo
     stats = merge_all([r.stats for r in results], store.d_model)  # in shard order, whatever the workers
     assert stats.count == n_rows, (stats.count, n_rows)
     stats_entry = _write_stats(cfg.store, stats)
-    new_manifest = {**manifest, "stats": stats_entry}
+    new_manifest = dataclasses.replace(manifest, stats=stats_entry)
     if not cfg.shuffle:
-        write_manifest(cfg.store, new_manifest)
+        new_manifest.write(cfg.store)
         return stats_entry, 0
 
     totals = [sum(r.bucket_counts[b] for r in results) for b in range(n_buckets)]
@@ -288,19 +289,15 @@ def _passes(cfg: PreprocessConfig, store: ActivationStore, jobs: list[_ScatterJo
         bar.advance(task)
     assert sum(e["rows"] for e in entries) == n_rows, "shuffle lost or doubled rows"
     _write_stats(out_dir, stats)
-    shuffled_manifest = {
-        **manifest,
-        "shards": entries,
-        "num_rows": n_rows,
-        "stats": stats_entry,
-        "shuffled": {"seed": cfg.seed, "from": os.path.relpath(cfg.store.resolve(), out_dir.resolve()),
-                     "buckets": n_buckets, "created": datetime.datetime.now().isoformat(timespec="seconds")},
-    }
+    shuffled_manifest = dataclasses.replace(
+        manifest, shards=entries, num_rows=n_rows, stats=stats_entry, shuffled_store=None,
+        shuffled={"seed": cfg.seed, "from": os.path.relpath(cfg.store.resolve(), out_dir.resolve()),
+                  "buckets": n_buckets, "created": datetime.datetime.now().isoformat(timespec="seconds")})
     shutil.rmtree(scratch_dir)
     # Source manifest first: a finished shuffled store then always comes with finished statistics.
-    new_manifest["shuffled_store"] = os.path.relpath(out_dir.resolve(), cfg.store.resolve())
-    write_manifest(cfg.store, new_manifest)
-    write_manifest(out_dir, shuffled_manifest)
+    new_manifest.shuffled_store = os.path.relpath(out_dir.resolve(), cfg.store.resolve())
+    new_manifest.write(cfg.store)
+    shuffled_manifest.write(out_dir)
     return stats_entry, len(entries)
 
 

@@ -4,7 +4,7 @@ A store is a directory with ``manifest.json`` and shards ``shard-NNNNNN.safetens
 ``activations`` [N, d] (bf16/fp16/fp32) and the int tensors ``tokens`` (int32), ``doc_ids`` (int64) and
 ``positions`` (int32), all [N]; row i of each belongs together. Every file is written under a temporary
 name, flushed to disk and renamed, so a killed job leaves either the old file or the new one, never
-half of one. The manifest lists each shard with its row count and sha256.
+half of one. The manifest (``capture.records.Manifest``) lists each shard with its row count and sha256.
 
 The capture's writer process, which fills a store, is ``capture.writer``.
 """
@@ -14,23 +14,23 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from llama3_sae.devices import dtype_of
-from llama3_sae.files import HashIndex, atomic_path, atomic_write_json, fsync_dir, sha256_file
+from llama3_sae.files import HashIndex, atomic_path, fsync_dir, sha256_file
 from llama3_sae.tensorfile import HEADER_ERRORS, read_header, save_safetensors
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 
-FORMAT = "llama3-sae-activations"
-VERSION = 1
-MANIFEST = "manifest.json"
+from .records import FORMAT, MANIFEST, VERSION, Manifest, ShardEntry
+
+__all__ = ["FORMAT", "MANIFEST", "VERSION", "Manifest", "ShardEntry"]  # the records, where store users look
+
 STATS_FILE = "stats.safetensors"
 COLUMNS = ("activations", "tokens", "doc_ids", "positions")
 INT_DTYPES = {"tokens": torch.int32, "doc_ids": torch.int64, "positions": torch.int32}
@@ -64,7 +64,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def write_shard(path: Path, activations: torch.Tensor, tokens: torch.Tensor, doc_ids: torch.Tensor,
-                positions: torch.Tensor, *, site: str = "") -> dict[str, Any]:
+                positions: torch.Tensor, *, site: str = "") -> ShardEntry:
     """Write one shard atomically; return its manifest entry ``{"file", "rows", "sha256"}``."""
     n = activations.shape[0]
     assert activations.dim() == 2 and tokens.shape == doc_ids.shape == positions.shape == (n,), (
@@ -92,23 +92,23 @@ class ActivationStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = Manifest.read(self.path)
 
     @property
     def site(self) -> str:
-        return self.manifest["site"]
+        return self.manifest.site
 
     @property
     def d_model(self) -> int:
-        return int(self.manifest["d_model"])
+        return int(self.manifest.d_model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return parse_dtype(self.manifest["dtype"])
+        return parse_dtype(self.manifest.dtype)
 
     @property
-    def shards(self) -> list[dict[str, Any]]:
-        return self.manifest["shards"]
+    def shards(self) -> list[ShardEntry]:
+        return self.manifest.shards
 
     @property
     def num_rows(self) -> int:
@@ -145,7 +145,7 @@ class ActivationStore:
 
     def stats(self) -> dict[str, torch.Tensor] | None:
         """The per-dimension statistics written by ``llama3-sae preprocess`` (float64), or None."""
-        entry = self.manifest.get("stats")
+        entry = self.manifest.stats
         if entry is None:
             return None
         return read_tensors(self.path / entry["file"], entry.get("sha256"))
@@ -195,32 +195,6 @@ def declared_size(path: Path) -> int | None:
                                     default=0)
     except (*HEADER_ERRORS, KeyError, TypeError):
         return None
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        partial = (path / ".parts").is_dir() or (path.parent / ".capture").is_dir()
-        hint = (" A capture into it has not finished: re-run the same capture command to resume it."
-                if partial else " Pass the directory of one site, e.g. OUT/L8R, written by `llama3-sae capture`.")
-        raise ValueError(f"{path} is not an activation store (no {MANIFEST}).{hint}")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{mpath} is not valid JSON ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("version") != VERSION:
-        raise ValueError(f"{mpath}: version {manifest.get('version')!r} is not supported (this code reads {VERSION})")
-    for key in ("d_model", "dtype", "site", "shards"):
-        if key not in manifest:
-            raise ValueError(f"{mpath}: missing key {key!r}")
-    return manifest
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_json(Path(path) / MANIFEST, manifest)
 
 
 # --------------------------------------------------------------------------- locking

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from llama3_sae.files import atomic_write_json
-
+from .records import Progress
 from .store import FileLock, shard_name, write_shard
 
 
@@ -30,9 +29,33 @@ class WriterSpec:
     lock_path: str
     shard_rows: int
     """Close a shard at the end of the first window that brings it to this many rows."""
-    progress: dict[str, Any]
+    progress: Progress
     """The committed progress to continue from."""
     parent_pid: int
+
+
+# ---- the messages the capture loop sends (the writer answers ("done", Progress), ("oserror", (errno, text,
+# filename)) or ("error", traceback) on its result queue)
+@dataclass
+class Rows:
+    """Stored rows of one batch, every site: acts[site] [N, d], and per row its token, document and position."""
+
+    acts: dict[str, torch.Tensor]
+    tokens: torch.Tensor
+    doc_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class WindowEnd:
+    """Every row of a read-ahead window was sent; ``counters`` counts its documents, tokens and repairs."""
+
+    counters: dict[str, int]
+
+
+@dataclass
+class Finish:
+    """No more rows: commit what is pending, mark the rank finished, and reply."""
 
 
 @dataclass
@@ -40,12 +63,6 @@ class _Pending:
     acts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     meta: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     rows: int = 0
-
-
-def new_progress(rank: int, world: int, sites: list[str]) -> dict[str, Any]:
-    """A rank's progress record before anything is committed (what ``_Writer.flush`` updates)."""
-    return {"rank": rank, "world": world, "docs_done": 0, "finished": False, "shards": {s: [] for s in sites},
-            "counters": {}}
 
 
 class _Writer:
@@ -57,13 +74,12 @@ class _Writer:
         self.docs_pending = 0
         self.counters_pending: dict[str, int] = {}
 
-    def add(self, acts: dict[str, torch.Tensor], tokens: torch.Tensor, doc_ids: torch.Tensor,
-            positions: torch.Tensor) -> None:
+    def add(self, rows: Rows) -> None:
         # Copies, so the shared-memory blocks (one file descriptor each) are released right away.
         for s in self.spec.sites:
-            self.window.acts[s].append(acts[s].clone())
-        self.window.meta.append((tokens.clone(), doc_ids.clone(), positions.clone()))
-        self.window.rows += tokens.shape[0]
+            self.window.acts[s].append(rows.acts[s].clone())
+        self.window.meta.append((rows.tokens.clone(), rows.doc_ids.clone(), rows.positions.clone()))
+        self.window.rows += rows.tokens.shape[0]
 
     def end_window(self, counters: dict[str, int]) -> None:
         # Batches were cut by length; restore document order so shards do not depend on batching.
@@ -85,26 +101,21 @@ class _Writer:
         if self.shard.rows:
             tokens, doc_ids, positions = (torch.cat(c) for c in zip(*self.shard.meta))
             for s in self.spec.sites:
-                entries = self.progress["shards"][s]
+                entries = self.progress.shards[s]
                 path = Path(self.spec.part_dirs[s]) / shard_name(len(entries))
                 entry = write_shard(path, torch.cat(self.shard.acts[s]), tokens, doc_ids, positions, site=s)
                 entry["doc_range"] = [int(doc_ids[0]), int(doc_ids[-1])]
                 entries.append(entry)
         # The progress file is the commit point: only shards listed in it count on resume.
-        self.progress["docs_done"] += self.docs_pending
-        counters = self.progress["counters"]
-        for k, v in self.counters_pending.items():
-            counters[k] = counters.get(k, 0) + v
-        self.progress["finished"] = finished
-        atomic_write_json(Path(self.spec.progress_path), self.progress)
+        self.progress.commit(self.docs_pending, self.counters_pending, finished=finished,
+                             path=Path(self.spec.progress_path))
         self.shard = _Pending({s: [] for s in self.spec.sites})
         self.docs_pending = 0
         self.counters_pending = {}
 
 
 def writer_main(spec: WriterSpec, q: Any, results: Any) -> None:
-    """Entry point of the writer process. Messages: ("rows", acts, tokens, doc_ids, positions),
-    ("window", counters), ("finish",). Replies ("done", progress) or ("error", traceback)."""
+    """Entry point of the writer process: ``Rows``, ``WindowEnd`` and ``Finish`` messages from ``q``."""
     torch.set_num_threads(1)
     lock = FileLock(Path(spec.lock_path))
     try:
@@ -117,17 +128,16 @@ def writer_main(spec: WriterSpec, q: Any, results: Any) -> None:
                 if os.getppid() != spec.parent_pid:
                     return  # the capture was killed; what is committed stays, the rest is redone on resume
                 continue
-            kind = msg[0]
-            if kind == "rows":
-                writer.add(*msg[1:])
-            elif kind == "window":
-                writer.end_window(msg[1])
-            elif kind == "finish":
+            if isinstance(msg, Rows):
+                writer.add(msg)
+            elif isinstance(msg, WindowEnd):
+                writer.end_window(msg.counters)
+            elif isinstance(msg, Finish):
                 writer.flush(finished=True)
                 results.put(("done", writer.progress))
                 return
             else:
-                raise AssertionError(f"unknown writer message {kind!r}")
+                raise AssertionError(f"unknown writer message {type(msg).__name__}")
     except OSError as e:  # a full disk or a forbidden output: the user's to fix, told in one line
         results.put(("oserror", (e.errno, e.strerror or str(e), e.filename)))
         return  # no traceback: the capture prints this as one line
@@ -160,7 +170,7 @@ class WriterHandle:
             return OSError(*detail)
         return RuntimeError(f"the capture's writer process failed:\n{detail}")
 
-    def put(self, item: tuple) -> None:
+    def put(self, item: Rows | WindowEnd | Finish) -> None:
         while True:
             try:
                 self.q.put(item, timeout=0.5)
@@ -173,8 +183,9 @@ class WriterHandle:
         if not self.proc.is_alive():
             raise self._failure()
 
-    def finish(self) -> dict[str, Any]:
-        self.put(("finish",))
+    def finish(self) -> Progress:
+        """Commit everything and wait for the writer: the rank's final progress."""
+        self.put(Finish())
         while True:
             try:
                 kind, detail = self.results.get(timeout=1.0)
@@ -231,4 +242,4 @@ class Outbox:
         self.pending = None
         if event is not None:
             event.synchronize()
-        self.writer.put(("rows", *message))
+        self.writer.put(Rows(*message))

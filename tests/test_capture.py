@@ -112,9 +112,9 @@ def test_activations_match_hf_at_every_point(ckpt, tokenizer, tmp_path):
             worst = max(worst, err)
     assert worst < 1e-5, worst
     m = stores["L2R"].manifest
-    assert m["format"] == "llama3-sae-activations" and m["version"] == 1 and m["d_model"] == 64
-    assert m["dtype"] == "float32" and m["site"] == "L2R" and m["num_docs"] == 32
-    assert m["num_rows"] == sum(len(tokenizer.encode(t, bos=True, eos=False)) for t in texts)
+    assert m.format == "llama3-sae-activations" and m.version == 1 and m.d_model == 64
+    assert m.dtype == "float32" and m.site == "L2R" and m.num_docs == 32
+    assert m.num_rows == sum(len(tokenizer.encode(t, bos=True, eos=False)) for t in texts)
 
 
 def test_forward_stops_after_deepest_site_and_progress_is_shown(ckpt, tokenizer, tmp_path):
@@ -137,7 +137,7 @@ def test_forward_stops_after_deepest_site_and_progress_is_shown(ckpt, tokenizer,
     summary = run_capture(cfg, model=model, tokenizer=tokenizer, console=Console(file=screen, width=160))
     store = ActivationStore(tmp_path / "o" / "L1R")
     assert summary.docs == 10 and store.num_rows == summary.rows > 0
-    assert store.manifest["dtype"] == "float16" and store.read_shard(0)["activations"].dtype == torch.float16
+    assert store.manifest.dtype == "float16" and store.read_shard(0)["activations"].dtype == torch.float16
     shown = screen.getvalue()
     assert "capture L1R,L0A" in shown and "10/10 docs" in shown and "tok/s" in shown
 
@@ -155,7 +155,7 @@ def test_bos_row_left_out_and_truncation_counted(ckpt, tokenizer, tmp_path, caps
     # BOS rows are left out: positions start at 1, and every kept document keeps min(n, 8) - 1 rows.
     assert rows["positions"].min() == 1 and store.num_rows == sum(min(n, 8) - 1 for n in lengths)
     assert (rows["tokens"] != tokenizer.bos_id).all()
-    c = store.manifest["counters"]
+    c = store.manifest.counters
     assert c["truncated_docs"] == n_cut and c["truncated_tokens"] == sum(max(n - 8, 0) for n in lengths)
     assert c["bos_rows_left_out"] == 30
     assert f"{n_cut:,} documents lost" in printed and "first-token rows not stored (attention sinks): 30" in printed
@@ -177,7 +177,7 @@ def test_chat_dataset_rendered_with_chat_format(ckpt, tokenizer, tmp_path):
     complete = [tokenizer.bos_id] + [t for m in chats[1] for t in fmt.encode_message(m)]
     assert rows[1]["tokens"].tolist() == complete
     manifest = ActivationStore(out / "L0R").manifest
-    assert manifest["num_docs"] == 2
+    assert manifest.num_docs == 2
 
 
 def test_rerun_is_noop_and_other_options_are_refused(ckpt, tmp_path, capsys):
@@ -273,7 +273,7 @@ def test_resume_after_sigkill_equals_uninterrupted(ckpt, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "capture resumed" in resumed.stdout
     # Only what was not committed was computed again.
-    total_tokens = ActivationStore(ref / "L1R").manifest["num_tokens"]
+    total_tokens = ActivationStore(ref / "L1R").manifest.num_tokens
     redone = int(resumed.stdout.split(" tokens this run")[0].split()[-1].replace(",", ""))
     assert redone < total_tokens
     for site in ("L1R", "L0M"):
@@ -332,7 +332,7 @@ def test_two_gloo_ranks_union_equals_one_process(ckpt, tmp_path):
     res = _run(cmd, env)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = ActivationStore(two / "L1R").manifest
-    assert manifest["world_size"] == 2 and {s["rank"] for s in manifest["shards"]} == {0, 1}
+    assert manifest.world_size == 2 and {s["rank"] for s in manifest.shards} == {0, 1}
     # Each rank's shards hold only its own documents (doc_id mod 2), and together all of them once.
     store = ActivationStore(two / "L1R")
     for i, entry in enumerate(store.shards):
@@ -343,7 +343,7 @@ def test_two_gloo_ranks_union_equals_one_process(ckpt, tmp_path):
     assert a["doc_ids"].unique().tolist() == list(range(101))
     # Different batch shapes on the two sides: equal up to fp32 rounding.
     torch.testing.assert_close(a["activations"], b["activations"], rtol=1e-4, atol=1e-5)
-    assert manifest["num_rows"] == ActivationStore(one / "L1R").num_rows
+    assert manifest.num_rows == ActivationStore(one / "L1R").num_rows
 
 
 def test_out_inside_an_existing_store_is_refused(ckpt, tmp_path, capsys):
@@ -395,4 +395,4 @@ def test_a_full_disk_is_one_line_and_the_capture_resumes(ckpt, tmp_path):
         remount(disk, "size=64m")  # the space is freed
         ok = _run(cmd, env)
         assert ok.returncode == 0, ok.stderr
-        assert ActivationStore(out / "L1R").manifest["num_docs"] == 200
+        assert ActivationStore(out / "L1R").manifest.num_docs == 200

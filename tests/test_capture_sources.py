@@ -13,7 +13,7 @@ from capture.batching import EncodedDoc, collate, encode_window, plan_batches, r
 from capture.config import CaptureConfig, SourceConfig
 from capture.sources import (SourceStats, count_records, iter_documents, make_splitter, rank_documents,
                              resolve_files, shuffle_buffer)
-from capture.store import (ActivationStore, FileLock, read_tensors, write_manifest, write_shard)
+from capture.store import ActivationStore, FileLock, Manifest, read_tensors, write_shard
 
 SENTENCES = Path(__file__).resolve().parent.parent / "capture" / "data" / "sentences.txt"
 
@@ -196,8 +196,7 @@ def test_shard_roundtrip_manifest_and_corruption(tmp_path):
                         torch.arange(5), site="L1R")
     assert entry["rows"] == 5 and len(entry["sha256"]) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.safetensors"]  # no temporary left
-    write_manifest(tmp_path, {"format": "llama3-sae-activations", "version": 1, "d_model": 8, "dtype": "bfloat16",
-                              "site": "L1R", "model": "m", "shards": [entry]})
+    Manifest(d_model=8, dtype="bfloat16", site="L1R", model="m", shards=[entry]).write(tmp_path)
     store = ActivationStore(tmp_path)
     t = store.read_shard(0, verify=True)
     assert torch.equal(t["activations"], acts) and t["tokens"].dtype == torch.int32

@@ -12,7 +12,7 @@ import torch
 from capture.cli import main_preprocess
 from capture.config import PreprocessConfig
 from capture.preprocess import RunningStats, merge_all, run_preprocess
-from capture.store import FORMAT, VERSION, ActivationStore, write_manifest, write_shard
+from capture.store import FORMAT, VERSION, ActivationStore, Manifest, write_shard
 
 
 def _make_store(path: Path, shard_rows: list[int], d: int = 48, dtype=torch.bfloat16, seed: int = 0) -> dict:
@@ -35,7 +35,7 @@ def _make_store(path: Path, shard_rows: list[int], d: int = 48, dtype=torch.bflo
                                    torch.tensor(poss), site="L3R"))
     manifest = {"format": FORMAT, "version": VERSION, "d_model": d, "dtype": str(dtype).split(".")[-1],
                 "site": "L3R", "model": "synthetic", "shards": entries, "num_rows": sum(shard_rows)}
-    write_manifest(path, manifest)
+    Manifest.from_dict(manifest).write(path)
     return manifest
 
 
@@ -80,8 +80,8 @@ def test_preprocess_stats_and_global_shuffle(tmp_path):
     torch.testing.assert_close(stats["mean"], ref["mean"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats["var"], ref["var"], rtol=1e-10, atol=0)
     torch.testing.assert_close(stats["mean_norm"][0], ref["mean_norm"], rtol=1e-12, atol=0)
-    assert int(stats["count"][0]) == n and store.manifest["stats"]["rows"] == n
-    assert store.manifest["shards"] == manifest["shards"]  # the source shards are untouched
+    assert int(stats["count"][0]) == n and store.manifest.stats["rows"] == n
+    assert store.manifest.shards == manifest["shards"]  # the source shards are untouched
 
     # The shuffled store: every row exactly once, ...
     shuffled = ActivationStore(summary.shuffled)

@@ -90,11 +90,11 @@ class StoreRows:
         self.path = self.store.path
         manifest = self.store.manifest
         self.d_model = self.store.d_model
-        self.site: str = manifest["site"]
-        self.model_name: str | None = manifest.get("model")
-        self.bos: bool | None = manifest.get("bos")
-        self.first_token_excluded: bool | None = manifest.get("first_token_excluded")
-        self.shuffled: bool = "shuffled" in manifest
+        self.site: str = manifest.site
+        self.model_name: str | None = manifest.model
+        self.bos: bool | None = manifest.bos
+        self.first_token_excluded: bool | None = manifest.first_token_excluded
+        self.shuffled: bool = manifest.shuffled is not None
         rows = np.array([int(s["rows"]) for s in self.store.shards], dtype=np.int64)
         # What the store holds, not where it is: a store rewritten at the same path is different data.
         self.fingerprint: str = hashlib.sha256(json.dumps(

@@ -402,7 +402,7 @@ class Trainer:
                 f"{self.stream.global_batch:,} rows ({self.stream.epoch_of(self.total_steps):.2f} epochs); {layout} on "
                 f"{self.device}", highlight=False)
         if not rows.shuffled:
-            shuffled = rows.store.manifest.get("shuffled_store")
+            shuffled = rows.store.manifest.shuffled_store
             hint = (f"; its shuffled copy is {rows.path / shuffled}" if shuffled else
                     "; `llama3-sae preprocess` writes a globally shuffled copy")
             c.print(f"note: this store is not globally shuffled, so rows are mixed only within windows of "

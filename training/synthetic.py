@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from capture.store import FORMAT, VERSION, write_manifest, write_shard
+from capture.store import DTYPE_NAMES, Manifest, write_shard
 
 _DATA_SEED_OFFSET = 0x5EED_DA7A
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def sparse_dictionary_data(n_rows: int, d_model: int = 64, n_features: int = 256, active: int = 4,
@@ -51,8 +50,7 @@ def write_store(path: str | Path, activations: torch.Tensor, *, shard_rows: int 
         entries.append(write_shard(path / f"shard-{i:06d}.safetensors", part, torch.zeros(rows, dtype=torch.int32),
                                    torch.full((rows,), i, dtype=torch.int64), torch.arange(rows, dtype=torch.int32),
                                    site=site))
-    write_manifest(path, {"format": FORMAT, "version": VERSION, "d_model": d, "dtype": _DTYPE_NAMES[dtype],
-                          "site": site, "model": model, "shards": entries, "num_rows": n})
+    Manifest(d_model=d, dtype=DTYPE_NAMES[dtype], site=site, model=model, shards=entries, num_rows=n).write(path)
     if stats:
         from capture.config import PreprocessConfig
         from capture.preprocess import run_preprocess
