@@ -51,7 +51,7 @@ from capture.batching import collate, encode_window, plan_batches
 from capture.sources import count_records, document_windows, iter_documents, resolve_files, skip_documents
 from llama3.chat_template import chat_format_for
 from llama3.checkpoint import check_vocab, load_model, load_tokenizer, resolve_checkpoint
-from llama3_sae.config import save_config, to_jsonable
+from llama3_sae.config import identity_differences, save_config, to_jsonable
 from llama3_sae.devices import DTYPES, resolve_device
 from llama3_sae.files import atomic_path, atomic_write_json
 from llama3_sae.sites import site_name
@@ -61,8 +61,8 @@ from sae.config import input_site_of, resolve_bos
 from .config import TopExamplesConfig
 from .records import (AGGREGATIONS, EXAMPLES_FILE, EXAMPLES_FORMAT, EXAMPLES_META, EXAMPLES_VERSION, DocExample,
                       LatentExamples)
-from .scan import (SALT_POOL, SALT_RANDOM, SALT_RESERVOIR, Aggregator, Selection, Tables, WorkDir, doc_groups,
-                   hash_keys, merge_top, select)
+from .scan import (SALT_POOL, SALT_RANDOM, SALT_RESERVOIR, Aggregator, ScanState, Selection, Tables, WorkDir,
+                   doc_groups, hash_keys, merge_top, select)
 
 WORK = "top_examples.work"
 
@@ -158,36 +158,34 @@ def run_top_examples(cfg: TopExamplesConfig, *, console: Any = None) -> Path:
             if done is None or done == ident:
                 console.print(f"top examples already complete: {final}")
                 return final
-            diff = sorted(k for k in set(ident) | set(done) if ident.get(k) != done.get(k))
-            raise ValueError(f"{final} was computed with other options ({', '.join(diff)}); pass --overwrite to "
-                             "compute it again with these")
+            raise ValueError(f"{final} was computed with other options ({identity_differences(done, ident)}); pass "
+                             "--overwrite to compute it again with these")
     state = work.load()
-    if state is not None and state["identity"] != ident:
-        diff = sorted(k for k in set(ident) | set(state["identity"]) if ident.get(k) != state["identity"].get(k))
-        raise ValueError(f"{work.path} holds an interrupted run made with other options ({', '.join(diff)}); rerun "
+    if state is not None and state.identity != ident:
+        diff = identity_differences(state.identity, ident)
+        raise ValueError(f"{work.path} holds an interrupted run made with other options ({diff}); rerun "
                          "it with the same options to finish it, or pass --overwrite to start over")
     lo = load_everything(cfg, console)
     L = lo.sae.cfg.n_latents
     tables = Tables(L, cfg, lo.device)
     if state is None:
-        state = {"identity": ident, "phase": "scan", "docs_done": 0, "detail_docs_done": 0, "parts": [],
-                 "counters": {}, "saves": 0, "tables": None, "started": time.time()}
+        state = ScanState(ident)
         work.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, work.path / "config.json")
     else:
         work.load_tables(state, tables)
         work.remove_uncommitted(state)
-        console.print(f"resuming top-examples: {state['phase']} pass, {state['docs_done']:,} documents scanned")
+        console.print(f"resuming top-examples: {state.phase} pass, {state.docs_done:,} documents scanned")
     agg = Aggregator(lo.sae, L, cfg.memory_mb)
     with torch.inference_mode():
-        if state["phase"] == "scan":
+        if state.phase == "scan":
             _scan(cfg, lo, agg, tables, work, state, console)
-            state["phase"] = "detail"
+            state.phase = "detail"
             work.save(state, tables)
         selection = select(tables.cpu(), cfg)
-        if state["phase"] == "detail":
+        if state.phase == "detail":
             _detail(cfg, lo, agg, tables, selection, work, state, console)
-            state["phase"] = "write"
+            state.phase = "write"
             work.save(state, tables)
     _write_output(cfg, lo, tables.cpu(), selection, work, state, console)
     shutil.rmtree(work.path, ignore_errors=True)
@@ -211,16 +209,16 @@ def _total_docs(cfg: TopExamplesConfig) -> int | None:
 
 
 def _scan(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, work: WorkDir,
-          state: dict[str, Any], console: Any) -> None:
+          state: ScanState, console: Any) -> None:
     t = tables.t
     L = agg.L
     latents = torch.arange(L, device=lo.device)
-    counters: dict[str, int] = dict(state["counters"])
+    counters: dict[str, int] = dict(state.counters)
     last_save = time.monotonic()
     t0, tokens_run = time.monotonic(), 0
     with _progress(cfg, console, "top-examples: scan") as bar:
-        task = bar.add_task("scan", total=_total_docs(cfg), completed=state["docs_done"], rate="")
-        for window in _windows(cfg, state["docs_done"]):
+        task = bar.add_task("scan", total=_total_docs(cfg), completed=state.docs_done, rate="")
+        for window in _windows(cfg, state.docs_done):
             for tokens, keep, doc_ids, _ in _batches(window, cfg, lo, counters):
                 acts = lo.model.forward_activations(tokens.to(lo.device))[lo.key]  # [B, T, d]
                 keep = keep.to(lo.device)
@@ -250,20 +248,20 @@ def _scan(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, 
                         t["pool_key"], t["pool_doc"] = merge_top(t["pool_key"], t["pool_doc"], pk, ids)
                     counters["tokens"] = counters.get("tokens", 0) + int(n_credit.sum())
                     tokens_run += int(n_credit.sum())
-            state["docs_done"] += len(window)
-            counters["docs"] = state["docs_done"]
-            state["counters"] = counters
+            state.docs_done += len(window)
+            counters["docs"] = state.docs_done
+            state.counters = counters
             rate = tokens_run / max(time.monotonic() - t0, 1e-9)
-            bar.update(task, completed=state["docs_done"], rate=f"{rate:,.0f} tok/s")
+            bar.update(task, completed=state.docs_done, rate=f"{rate:,.0f} tok/s")
             if time.monotonic() - last_save >= cfg.checkpoint_every_s:
                 work.save(state, tables)
                 last_save = time.monotonic()
-    if not state["docs_done"]:
+    if not state.docs_done:
         raise ValueError(f"no documents in --data {', '.join(map(str, cfg.data))}")
 
 
 def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables, sel: Selection, work: WorkDir,
-            state: dict[str, Any], console: Any) -> None:
+            state: ScanState, console: Any) -> None:
     t = tables.t
     L = agg.L
     pairs = sel.pairs()  # [n, 2] (doc, latent), sorted
@@ -280,14 +278,14 @@ def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables
         if buf["tok_doc"]:
             arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in buf.items()}
             arrays["value"] = arrays["value"].astype(np.float32)
-            state["parts"].append(work.write_part(len(state["parts"]) + 1, arrays))
+            state.parts.append(work.write_part(len(state.parts) + 1, arrays))
             for v in buf.values():
                 v.clear()
         work.save(state, tables)
 
     with _progress(cfg, console, "top-examples: detail") as bar:
-        task = bar.add_task("detail", total=state["docs_done"], completed=state["detail_docs_done"], rate="")
-        for window in _windows(cfg, state["detail_docs_done"]):
+        task = bar.add_task("detail", total=state.docs_done, completed=state.detail_docs_done, rate="")
+        for window in _windows(cfg, state.detail_docs_done):
             ids_w = np.array([d.doc_id for d in window], dtype=np.int64)
             chosen = [d for d, keep in zip(window, np.isin(ids_w, wanted)) if keep]
             for tokens, keep, doc_ids, docs in _batches(chosen, cfg, lo, counters):
@@ -326,8 +324,8 @@ def _detail(cfg: TopExamplesConfig, lo: _Loaded, agg: Aggregator, tables: Tables
                 buf["tok_doc"].append(np.array([e.doc_id for e in docs], dtype=np.int64))
                 buf["tok_len"].append(np.array([len(e.ids) for e in docs], dtype=np.int64))
                 buf["tok_ids"].append(np.array([i for e in docs for i in e.ids], dtype=np.int64))
-            state["detail_docs_done"] += len(window)
-            bar.update(task, completed=state["detail_docs_done"])
+            state.detail_docs_done += len(window)
+            bar.update(task, completed=state.detail_docs_done)
             if time.monotonic() - last_save >= cfg.checkpoint_every_s:
                 flush()
                 last_save = time.monotonic()
@@ -358,9 +356,9 @@ class _Pieces:
 
 
 def _write_output(cfg: TopExamplesConfig, lo: _Loaded, tables: dict[str, torch.Tensor], sel: Selection,
-                  work: WorkDir, state: dict[str, Any], console: Any) -> None:
+                  work: WorkDir, state: ScanState, console: Any) -> None:
     L = tables["max"].shape[0]
-    parts = [work.read_part(p) for p in state["parts"]]
+    parts = [work.read_part(p) for p in state.parts]
     cat = lambda k, dt: np.concatenate([p[k] for p in parts]).astype(dt) if parts else np.zeros(0, dt)  # noqa: E731
     doc, lat, pos, val = cat("doc", np.int64), cat("latent", np.int64), cat("pos", np.int64), cat("value", np.float32)
     order = np.lexsort((pos, doc, lat))
@@ -371,7 +369,7 @@ def _write_output(cfg: TopExamplesConfig, lo: _Loaded, tables: dict[str, torch.T
     doc_tokens = {int(d): (int(offsets[i]), int(offsets[i + 1])) for i, d in enumerate(tok_docs)}
     rand_doc, rand_key = tables["rand_doc"].tolist(), tables["rand_key"].tolist()
     pieces = _Pieces(lo.tokenizer)
-    counters = state["counters"]
+    counters = state.counters
     n_docs, n_tokens = int(counters.get("docs", 0)), int(counters.get("tokens", 0))
     a_docs, a_toks = tables["active_docs"].tolist(), tables["active_tokens"].tolist()
     mx, sm = tables["max"].tolist(), tables["sum"].tolist()

@@ -4,11 +4,13 @@ resumable, and the selection made from the tables. The passes over the text are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -157,34 +159,60 @@ def doc_groups(acts: torch.Tensor, keep: torch.Tensor, size: int
 
 
 # ---------------------------------------------------------------------- state on disk
+@dataclass
+class ScanState:
+    """``state.json`` in the work directory: how far a top-examples run got. Rewritten (atomically, after the
+    files it names) at each save, so a killed run resumes from the last one."""
+
+    identity: dict[str, Any]
+    """The options that decide the result (``TopExamplesConfig.identity``)."""
+    phase: Literal["scan", "detail", "write"] = "scan"
+    docs_done: int = 0
+    """Documents the scan pass has merged into the tables."""
+    detail_docs_done: int = 0
+    """Documents the detail pass has read again."""
+    parts: list[str] = field(default_factory=list)
+    """Detail part files written, in order."""
+    counters: dict[str, int] = field(default_factory=dict)
+    saves: int = 0
+    tables: str | None = None
+    """The tables file of the last save."""
+    started: float = field(default_factory=time.time)
+
+
 class WorkDir:
     def __init__(self, path: Path):
         self.path = path
         self.state_path = path / STATE
 
-    def load(self) -> dict[str, Any] | None:
+    def load(self) -> ScanState | None:
         if not self.state_path.exists():
             return None
-        return json.loads(self.state_path.read_text())
+        try:
+            return ScanState(**json.loads(self.state_path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{self.state_path} is not a top-examples state file ({e}); pass --overwrite to "
+                             "start over") from e
 
-    def save(self, state: dict[str, Any], tables: Tables) -> None:
+    def save(self, state: ScanState, tables: Tables) -> None:
         from safetensors.torch import save_file
 
         self.path.mkdir(parents=True, exist_ok=True)
-        n = int(state.get("saves", 0)) + 1
+        n = state.saves + 1
         name = f"tables-{n:06d}.safetensors"
         with atomic_path(self.path / name) as tmp:
             save_file(tables.cpu(), str(tmp))
-        old = state.get("tables")
-        state.update(saves=n, tables=name)
-        atomic_write_json(self.state_path, state)  # the commit point: tables and parts named here are complete
+        old = state.tables
+        state.saves, state.tables = n, name
+        # The commit point: the tables and parts named here are complete.
+        atomic_write_json(self.state_path, dataclasses.asdict(state))
         if old and old != name:
             (self.path / old).unlink(missing_ok=True)
 
-    def load_tables(self, state: dict[str, Any], tables: Tables) -> None:
+    def load_tables(self, state: ScanState, tables: Tables) -> None:
         from safetensors.torch import load_file
 
-        tables.load(load_file(str(self.path / state["tables"])))
+        tables.load(load_file(str(self.path / state.tables)))
 
     def write_part(self, n: int, arrays: dict[str, np.ndarray]) -> str:
         from safetensors.numpy import save_file
@@ -199,8 +227,8 @@ class WorkDir:
 
         return load_file(str(self.path / name))
 
-    def remove_uncommitted(self, state: dict[str, Any]) -> None:
-        keep = {state.get("tables"), STATE, "config.json", *state.get("parts", [])}
+    def remove_uncommitted(self, state: ScanState) -> None:
+        keep = {state.tables, STATE, "config.json", *state.parts}
         for f in self.path.iterdir():
             if f.name not in keep:
                 f.unlink()

@@ -217,7 +217,7 @@ def test_resume_after_interruptions_equals_uninterrupted(ckpt, reference, uninte
     before = (out / "top_examples.jsonl").stat().st_mtime_ns
     assert run_top_examples(cfg) == out / "top_examples.jsonl"  # finished: a rerun is a no-op
     assert (out / "top_examples.jsonl").stat().st_mtime_ns == before
-    with pytest.raises(ValueError, match=r"other options \(top_n\); pass --overwrite"):
+    with pytest.raises(ValueError, match=r"other options \(top_n: \d+ -> \d+\); pass --overwrite"):
         run_top_examples(dataclasses.replace(cfg, top_n=cfg.top_n + 1))
 
 
@@ -274,7 +274,7 @@ def test_changed_options_refused_and_user_errors(ckpt, reference, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         run_top_examples(cfg)
     monkeypatch.setattr(ex, "_batches", real)
-    with pytest.raises(ValueError, match="other options \\(top_n\\)"):
+    with pytest.raises(ValueError, match=r"other options \(top_n: \d+ -> \d+\)"):
         run_top_examples(_cfg(ckpt, sae_dir, out, top_n=7))
     with pytest.raises(ValueError, match="--tokens-per-batch"):
         _cfg(ckpt, sae_dir, out, tokens_per_batch=10)
