@@ -1,6 +1,6 @@
 """Send many Messages API requests through the Anthropic Message Batches API, resumably.
 
-``JobRunner`` owns two files in a work directory, per job kind (``labels``, ``score``):
+``JobRunner`` (requests and results: ``interpret.requests``) owns two files in a work directory, per job kind (``labels``, ``score``):
 
 - ``{kind}.state.json`` (rewritten atomically): the batches sent (id, the custom_ids in each, collected
   or not), the requests' metadata (what a reply is checked against, e.g. the hidden truth of a detection
@@ -23,17 +23,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from llama3_sae.errors import naming
 from llama3_sae.files import atomic_write_json
+
+from .requests import (Handler, Outcome, Request, RequestStatus, ResultsLog, custom_id_in, now_iso,
+                       outcome_from_result, parse_result_line, parse_time, request_status, usage_of)
 
 STATE_FORMAT = "llama3-sae-interpret-state"
 STATE_VERSION = 1
@@ -41,13 +42,6 @@ STATE_VERSION = 1
 # Hard limits of the Message Batches API per batch (docs: 100,000 requests or 256 MB).
 API_MAX_REQUESTS = 100_000
 API_MAX_MB = 256.0
-
-# Errors inside a batch result worth another try; the rest (invalid_request_error, authentication_error,
-# permission_error, not_found_error, request_too_large, billing_error, ...) would fail the same way again.
-RETRYABLE_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error",
-                                   "gateway_timeout_error"})
-
-
 
 def make_client(*, max_retries: int, timeout_s: float):
     """An ``anthropic.Anthropic`` client; the key comes from ``ANTHROPIC_API_KEY`` only (and the SDK
@@ -67,170 +61,6 @@ def make_client(*, max_retries: int, timeout_s: float):
 
 class ResultsStreamError(RuntimeError):
     """The connection broke while a batch's results were streamed; what was read is saved."""
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _parse_time(value: Any) -> _dt.datetime:
-    if isinstance(value, _dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
-    return _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-
-
-@dataclass
-class Request:
-    """One Messages API request of a job."""
-
-    custom_id: str
-    """Unique within the job (this project: the latent index); how results are matched to requests."""
-    params: dict[str, Any]
-    """Keyword arguments of ``messages.create`` (model, max_tokens, system, messages, ...)."""
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Kept in the state file and handed back with the result (e.g. the truth a reply is scored against)."""
-
-    def json_bytes(self) -> int:
-        return len(json.dumps({"custom_id": self.custom_id, "params": self.params}).encode())
-
-    def prompt_chars(self) -> int:
-        n = len(self.params.get("system") or "")
-        for m in self.params.get("messages", ()):
-            c = m.get("content")
-            n += len(c) if isinstance(c, str) else sum(len(b.get("text", "")) for b in c)
-        return n
-
-
-@dataclass
-class Outcome:
-    """What came back for one request, whichever way it was sent."""
-
-    custom_id: str
-    kind: Literal["succeeded", "errored", "canceled", "expired", "missing"]
-    """``missing``: the batch's results had no line for this request (or the batch vanished)."""
-    text: str = ""
-    """The reply's text blocks (succeeded)."""
-    stop_reason: str | None = None
-    usage: dict[str, int] = field(default_factory=dict)
-    error_type: str = ""
-    error_message: str = ""
-    batch_id: str | None = None
-    """None for synchronous requests."""
-
-    @property
-    def retryable(self) -> bool:
-        if self.kind in ("canceled", "expired", "missing"):
-            return True
-        return self.kind == "errored" and self.error_type in RETRYABLE_ERROR_TYPES
-
-
-# handle(outcome, meta) -> the fields of the result line: at least "status" ("ok" or a failure name).
-# It is only called for succeeded outcomes; failures are recorded by the runner itself.
-Handler = Callable[[Outcome, dict[str, Any]], dict[str, Any]]
-
-
-def outcome_from_result(item: dict[str, Any], batch_id: str) -> Outcome:
-    """A line of a batch's results (as a dict) -> ``Outcome``; every result type is handled."""
-    from .parsing import reply_text
-
-    cid = str(item.get("custom_id"))
-    result = item.get("result") or {}
-    kind = result.get("type")
-    if kind == "succeeded":
-        msg = result.get("message") or {}
-        return Outcome(cid, "succeeded", text=reply_text(msg.get("content")), stop_reason=msg.get("stop_reason"),
-                       usage=_usage(msg.get("usage")), batch_id=batch_id)
-    if kind == "errored":
-        err = result.get("error") or {}
-        inner = err.get("error") if isinstance(err.get("error"), dict) else err
-        return Outcome(cid, "errored", error_type=str(inner.get("type", "unknown_error")),
-                       error_message=str(inner.get("message", "")), batch_id=batch_id)
-    if kind in ("canceled", "expired"):
-        return Outcome(cid, kind, batch_id=batch_id)
-    return Outcome(cid, "errored", error_type="unknown_result_type",
-                   error_message=f"result type {kind!r} not known to this version", batch_id=batch_id)
-
-
-def _usage(usage: Any) -> dict[str, int]:
-    if not isinstance(usage, dict):
-        return {}
-    return {k: int(v) for k, v in usage.items() if k in ("input_tokens", "output_tokens") and isinstance(v, int)}
-
-
-class ResultsLog:
-    """The append-only ``{kind}.results.jsonl``; each line is flushed and fsynced as it is written."""
-
-    def __init__(self, path: Path, console: Console):
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        if path.exists():
-            self._load(console)
-
-    def _load(self, console: Console) -> None:
-        raw = self.path.read_bytes()
-        good_end = 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # a line cut by a kill mid-write: dropped below, and its request is redone
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{self.path}: line {len(self.records) + 1} is not JSON; this file is written "
-                                 "only by llama3-sae, so it was edited or damaged. Fix or delete that line "
-                                 "(its request is then redone) and rerun") from None
-            self.records.append(rec)
-            good_end += len(line)
-        if good_end < len(raw):
-            console.print(f"[yellow]{self.path.name}: dropping a half-written last line (the previous run was "
-                          "killed while writing it); that request's result is read again[/]")
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-
-    def append(self, record: dict[str, Any]) -> None:
-        with naming(self.path), open(self.path, "a") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.records.append(record)
-
-    def history(self, generation: int) -> dict[str, list[dict[str, Any]]]:
-        out: dict[str, list[dict[str, Any]]] = {}
-        for rec in self.records:
-            if rec.get("generation", 0) == generation:
-                out.setdefault(rec["custom_id"], []).append(rec)
-        return out
-
-
-@dataclass
-class RequestStatus:
-    done: bool
-    """Has an ``ok`` line, or a final failure (and failures are not being retried)."""
-    attempts: int
-    """Non-final tries since the last final line (what ``max_attempts`` counts)."""
-    last: dict[str, Any] | None
-
-    @property
-    def failed(self) -> bool:
-        """Ended with a final failure."""
-        return self.done and self.last is not None and self.last.get("status") != "ok"
-
-
-def request_status(records: Sequence[dict[str, Any]], retry_failed: bool) -> RequestStatus:
-    """Where one request stands, from its result lines (only those after its last ``reset`` line count)."""
-    resets = [i for i, r in enumerate(records) if r.get("status") == "reset"]
-    if resets:
-        records = records[resets[-1] + 1:]
-    if any(r.get("status") == "ok" for r in records):
-        return RequestStatus(True, 0, records[-1])
-    attempts = 0
-    for r in records:
-        if r.get("final"):
-            attempts = 0
-        else:
-            attempts += 1
-    if records and records[-1].get("final"):
-        return RequestStatus(not retry_failed, 0, records[-1])
-    return RequestStatus(False, attempts, records[-1] if records else None)
 
 
 @dataclass
@@ -439,7 +269,7 @@ class JobRunner:
         if not intent:
             return
         known = {b["id"] for b in self.state["batches"]}
-        since = _parse_time(intent["since"]) - _dt.timedelta(minutes=2)
+        since = parse_time(intent["since"]) - _dt.timedelta(minutes=2)
         found = []
         seen: set[str] = set()
         for b in self.client.messages.batches.list(limit=100):
@@ -447,7 +277,7 @@ class JobRunner:
             if b.id in seen or len(seen) >= 1000:
                 break
             seen.add(b.id)
-            created = _parse_time(b.created_at)
+            created = parse_time(b.created_at)
             if created < since:
                 break  # the list is newest first
             total = sum(int(v or 0) for v in b.request_counts.to_dict().values())
@@ -472,8 +302,8 @@ class JobRunner:
             time.sleep(self.opt.poll_interval_s)
         got = set()
         for raw in self._result_lines(batch_id):
-            parsed = _parse_result_line(raw)
-            got.add(str(parsed.get("custom_id")) if isinstance(parsed, dict) else _custom_id_in(raw))
+            parsed = parse_result_line(raw)
+            got.add(str(parsed.get("custom_id")) if isinstance(parsed, dict) else custom_id_in(raw))
         return got == custom_ids
 
     def _result_lines(self, batch_id: str) -> Iterator[str]:
@@ -539,9 +369,9 @@ class JobRunner:
                 raise ResultsStreamError(f"reading the results of batch {entry['id']} failed ({type(e).__name__}: "
                                          f"{e}); the {len(written)} results read so far are saved, rerun the same "
                                          "command to read the rest") from e
-            d = _parse_result_line(raw)
+            d = parse_result_line(raw)
             if d is None:  # not JSON, or not a result object: that item's failure, kept with its raw text
-                cid = _custom_id_in(raw)
+                cid = custom_id_in(raw)
                 if cid in expected and cid not in written:
                     self.results.append({"custom_id": cid, "generation": gen, "batch_id": entry["id"],
                                          "time": now_iso(), "status": "malformed_result", "final": True,
@@ -599,7 +429,7 @@ class JobRunner:
                         from .parsing import reply_text
 
                         outcome = Outcome(r.custom_id, "succeeded", text=reply_text(msg.get("content")),
-                                          stop_reason=msg.get("stop_reason"), usage=_usage(msg.get("usage")))
+                                          stop_reason=msg.get("stop_reason"), usage=usage_of(msg.get("usage")))
                     except anthropic.APIStatusError as e:
                         # The SDK has already retried 429/5xx max_retries times when this surfaces.
                         etype = getattr(e, "type", None) or _error_type_of(e)
@@ -618,23 +448,6 @@ class JobRunner:
                 progress.advance(task)
         self._tally(by_id, summary)
         return summary
-
-
-_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"([^"]{1,64})"')
-
-
-def _parse_result_line(raw: str) -> dict[str, Any] | None:
-    try:
-        d = json.loads(raw)
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return d if isinstance(d, dict) and isinstance(d.get("custom_id"), str) else None
-
-
-def _custom_id_in(raw: str) -> str | None:
-    """The custom_id a damaged result line names, if it can still be read."""
-    m = _CUSTOM_ID.search(raw if isinstance(raw, str) else str(raw))
-    return m.group(1) if m else None
 
 
 def _error_type_of(e: Any) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:  # requests come from the batch client, which imports this module
-    from .batch_client import Request
+    from .requests import Request
 
 # USD per million tokens at standard (non-batch) rates; the Batches API bills half. From Anthropic's
 # pricing pages as of mid-2026. Prices change: --price-input-per-mtok / --price-output-per-mtok override.

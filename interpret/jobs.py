@@ -10,7 +10,8 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from .batch_client import JobRunner, Request, RunnerOptions, RunSummary, make_client
+from .batch_client import JobRunner, RunnerOptions, RunSummary, make_client
+from .requests import Request
 from .cost import Estimate, estimate
 from .config import LLMJobConfig
 

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from sae.io import is_native_dir
 
-from .batch_client import Outcome, Request
+from .requests import Outcome, Request
 from .config import InterpretConfig
 from .jobs import LLMJob
 from .parsing import ParseError, parse_label

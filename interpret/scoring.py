@@ -22,7 +22,7 @@ from rich.table import Table
 
 from llama3_sae.files import atomic_path
 
-from .batch_client import Outcome, Request
+from .requests import Outcome, Request
 from .config import ScoreConfig
 from .jobs import LLMJob
 from .parsing import ParseError, parse_detection

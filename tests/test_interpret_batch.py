@@ -418,7 +418,8 @@ def test_transient_poll_errors_and_dropped_results_stream(fake, tmp_path):
 
 def _write_intent(workdir, ids):
     """The state a run killed between batches.create and its state save leaves: the intent, no batch id."""
-    from interpret.batch_client import STATE_FORMAT, now_iso
+    from interpret.batch_client import STATE_FORMAT
+    from interpret.requests import now_iso
 
     (workdir / "labels.state.json").write_text(json.dumps({
         "format": STATE_FORMAT, "version": 1, "kind": "labels", "generation": 0, "batches": [],

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from interpret.batch_client import JobRunner, Request, RunnerOptions, request_status
+from interpret.batch_client import JobRunner, RunnerOptions
+from interpret.requests import Request, request_status
 from interpret.cost import model_price
 from interpret.labels import HEURISTIC_SOURCE, heuristic_labels, merge_labels
 from interpret.parsing import ParseError, parse_certainty, parse_detection, parse_label, reply_text
