@@ -361,7 +361,7 @@ def test_resume_refuses_a_checkpoint_replaced_in_place(ckpt, tmp_path, capsys):
     """The run records the checkpoint's files (size, mtime), not just its path."""
     import shutil
 
-    from capture.capture import _decide, _start_run
+    from capture.runstate import _start_run, decide
     from capture.config import CaptureConfig
 
     model = tmp_path / "model"
@@ -371,10 +371,10 @@ def test_resume_refuses_a_checkpoint_replaced_in_place(ckpt, tmp_path, capsys):
     state = out / ".capture"
     _start_run(state / "run.json", cfg, 1)
     (state / "progress-r0of1.json").write_text(json.dumps({"docs_done": 8}))  # something was committed
-    assert _decide(cfg, ["L1R"], 1) == ("capture", "")
+    assert decide(cfg, ["L1R"], 1) == ("capture", "")
     weights = model / "consolidated.00.pth"
     weights.write_bytes(weights.read_bytes())  # rewritten: a new modification time
-    kind, message = _decide(cfg, ["L1R"], 1)
+    kind, message = decide(cfg, ["L1R"], 1)
     assert kind == "error" and f"the checkpoint {model} changed since the unfinished capture" in message
 
 

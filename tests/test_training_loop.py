@@ -21,7 +21,8 @@ from training.config import TrainConfig
 from training.data import StoreRows, val_batches
 from llama3_sae.dist import DistContext
 from training.logging import read_metrics, truncate_metrics
-from training.loop import Trainer, lr_factor
+from training.loop import Trainer
+from training.schedule import lr_factor
 from training.synthetic import sparse_dictionary_data, write_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import StoreRows, TrainStream, val_batches
 from .layouts import Replicated
+from .schedule import lr_factor, schedule_warnings
 from .sharded import LatentSharded
 from .outputs import NonFiniteError, decide_out, save_outputs
 from .logging import METRICS_FILE, MetricsLog, TrainDisplay, read_metrics
@@ -42,34 +43,6 @@ from .logging import METRICS_FILE, MetricsLog, TrainDisplay, read_metrics
 CONFIG_FILE = "train_config.json"
 B_PRE_SAMPLE_ROWS = 65536
 """Training rows used to set b_pre when it cannot come from the store statistics (per-token normalisation)."""
-
-
-def lr_factor(step: int, *, warmup: int, total: int, final_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then a cosine
-    from 1 to ``final_ratio`` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup - 1)
-    progress = min(1.0, (step - warmup) / span)
-    return final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-
-def schedule_warnings(cfg, total_steps: int, global_batch: int) -> list[str]:
-    """What in the schedule does not fit a run this long (a short run at the defaults is all warm-up)."""
-    out = []
-    warmup = min(cfg.warmup_steps, total_steps)
-    if warmup >= total_steps / 2:
-        out.append(f"the warm-up ({cfg.warmup_steps:,} steps) takes {warmup / max(total_steps, 1):.0%} of this "
-                   f"{total_steps:,}-step run, so the learning rate is below --lr {cfg.lr:g} for most of it; for short "
-                   "runs lower --warmup-steps and raise --lr (the demo trains 2,000 steps with --lr 1e-3 "
-                   "--warmup-steps 100)")
-    tokens = total_steps * global_batch
-    if cfg.k_aux > 0 and cfg.aux_coeff > 0 and cfg.dead_after_tokens >= tokens:
-        out.append(f"--dead-after-tokens {cfg.dead_after_tokens:,} is more than the {tokens:,} rows this run trains "
-                   "on, so no latent can count as dead and the aux-k loss never starts; lower it (the demo uses "
-                   "100,000)")
-    return out
 
 
 def layout_for(cfg: TrainConfig, ctx: DistContext) -> Replicated:
