@@ -17,12 +17,13 @@ from typing import Iterator, Sequence
 import torch
 
 from llama3 import Llama
+from llama3.checkpoint import read_model_args, resolve_checkpoint
 from llama3.generation import Completion, Dialog
 from llama3.model import Site
-from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
-from sae.config import input_site_of
-
 from llama3_sae.devices import DTYPES, DTypeName, resolve_device
+from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
+from sae.config import input_site_of, resolve_bos
+
 from .latents import LatentCatalog
 
 
@@ -171,7 +172,6 @@ class Engine:
     def load(cls, model: ModelOptions, sae_path: Path | None = None, site: str | None = None, *,
              max_batch_size: int = 1) -> "Engine":
         """Load the SAE first and check it fits the checkpoint's shape before the (large) model is read."""
-        from llama3.checkpoint import read_model_args, resolve_checkpoint
 
         device = resolve_device(model.device)
         ckpt = resolve_checkpoint(model.ckpt_dir)
@@ -214,13 +214,11 @@ class Engine:
     @property
     def default_bos(self) -> bool:
         """BOS as the SAE's training data had it (its config says), else the model's own rule."""
-        from sae.config import resolve_bos
 
         return resolve_bos(None, self.sae.cfg if self.sae is not None else None, self.llm.tokenizer)[0]
 
     def bos_note(self, bos: bool | None) -> str | None:
         """A note when a user's --bos / --no-bos differs from what the SAE was trained with."""
-        from sae.config import resolve_bos
 
         return resolve_bos(bos, self.sae.cfg if self.sae is not None else None, self.llm.tokenizer)[1]
 

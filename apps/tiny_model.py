@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from llama3 import ModelArgs, Transformer
+from llama3.checkpoint import save_meta_checkpoint
 from llama3.model import init_random_weights
-from llama3_sae.paths import cache_root
-
+from llama3.tokenizer import Tokenizer, default_tokenizer_path
 from llama3_sae.config import parse_config
+from llama3_sae.paths import cache_root
 
 TINY_PRESET = "tiny"
 TINY_SEED = 0
@@ -122,8 +123,6 @@ def train_tiny_model(args: ModelArgs, tokenizer, sentences: list[str], *, steps:
 
 def write_tiny_checkpoint(out_dir: Path, tokenizer_path: Path | None = None) -> Path:
     """Write the tiny model (Meta layout: params.json, consolidated.00.pth, tokenizer.model) to ``out_dir``."""
-    from llama3.checkpoint import save_meta_checkpoint
-    from llama3.tokenizer import Tokenizer, default_tokenizer_path
 
     tokenizer_path = tokenizer_path or default_tokenizer_path()
     sentences = [line.strip() for line in bundled_sentences().read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from sae import Edit
 
 from llama3_sae.config import parse_config
+from .attribution import attribute
 from .engine import Engine, EngineStep, ModelOptions, Sampling, check_sampling
 from .latents import UNLABELLED
 
@@ -329,7 +330,6 @@ class WebApp:
     # ------------------------------------------------------------------ attribution
     def attribute(self, state: SessionState, position: str | int | None, k: int) -> tuple[str, list[tuple[int, str]]]:
         """Markdown summary and (latent, row text) of the top k latents for the chosen token."""
-        from .attribution import attribute
 
         if self.engine.sae is None:
             raise ValueError("attribution needs an SAE: start the app with --sae SAE_DIR")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import sys
 
-from llama3_sae.errors import USER_ERRORS, describe
 from llama3_sae.config import parse_config
+from llama3_sae.errors import USER_ERRORS, describe
 
+from . import capture, preprocess
 from .config import CaptureConfig, PreprocessConfig
 
 _CAPTURE_EPILOG = """\
@@ -20,29 +21,25 @@ Re-running the same command after a kill resumes it; a finished capture is left 
 
 
 def main_capture(argv: list[str] | None = None, prog: str = "llama3-sae capture") -> int:
-    from .capture import format_summary, run_capture
-
     try:
         cfg = parse_config(CaptureConfig, argv, prog, "Store a model's activations at hook sites for every token of a "
                      "text or chat dataset: one store per site, sharded safetensors.", _CAPTURE_EPILOG)
-        summary = run_capture(cfg)  # type: ignore[arg-type]
+        summary = capture.run_capture(cfg)  # type: ignore[arg-type]
     except USER_ERRORS as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_summary(summary))
+        print(capture.format_summary(summary))
     return 0
 
 
 def main_preprocess(argv: list[str] | None = None, prog: str = "llama3-sae preprocess") -> int:
-    from .preprocess import format_summary, run_preprocess
-
     try:
         cfg = parse_config(PreprocessConfig, argv, prog, "Per-dimension mean/variance (float64) and mean norm of an "
                      "activation store, and a globally shuffled copy for training.")
-        summary = run_preprocess(cfg)  # type: ignore[arg-type]
+        summary = preprocess.run_preprocess(cfg)  # type: ignore[arg-type]
     except USER_ERRORS as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
+    print(preprocess.format_summary(summary))
     return 0

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from llama3.tokenizer import ROLES
+
 from .config import SourceConfig
 
 SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "text"}
@@ -225,7 +227,6 @@ def _line_values(path: Path, fmt: str, field_name: str, cfg: SourceConfig,
 
 def _check_messages(value: Any) -> list[dict[str, str]] | str:
     """The messages as plain dicts, or a string saying what is wrong with them."""
-    from llama3.tokenizer import ROLES
 
     if not isinstance(value, list) or not value:
         return "messages must be a non-empty list"

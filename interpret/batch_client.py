@@ -35,6 +35,7 @@ from llama3_sae.files import atomic_write_json
 
 from .requests import (Handler, Outcome, Request, RequestStatus, ResultsLog, custom_id_in, now_iso,
                        outcome_from_result, parse_result_line, parse_time, request_status, usage_of)
+from .parsing import reply_text
 
 STATE_FORMAT = "llama3-sae-interpret-state"
 STATE_VERSION = 1
@@ -426,7 +427,6 @@ class JobRunner:
                     summary.sent += 1
                     try:
                         msg = self.client.messages.create(**r.params).to_dict(mode="json")
-                        from .parsing import reply_text
 
                         outcome = Outcome(r.custom_id, "succeeded", text=reply_text(msg.get("content")),
                                           stop_reason=msg.get("stop_reason"), usage=usage_of(msg.get("usage")))

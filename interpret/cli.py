@@ -16,11 +16,14 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from llama3_sae.errors import USER_ERRORS, describe
 from llama3_sae.config import add_dataclass_args, from_namespace, save_config
+from llama3_sae.errors import USER_ERRORS, describe
 
 from .batch_client import ResultsStreamError
 from .config import InterpretConfig, ScoreConfig
+from .examples import TopExamplesConfig, run_top_examples
+from .labels import run_interpret
+from .scoring import run_score
 
 
 def _parse(cls: type, argv: list[str] | None, prog: str, description: str | None) -> Any:
@@ -67,7 +70,6 @@ def prog_name(name: str) -> str:
 
 def main_interpret(argv: list[str] | None = None, prog: str = "llama3-sae interpret") -> int:
     """Label latents from their top examples with Claude (Message Batches), or with --heuristic."""
-    from .labels import run_interpret
 
     cfg = _parse(InterpretConfig, argv, prog, InterpretConfig.__doc__)
     return _run_llm_job(run_interpret, cfg, "labels")
@@ -75,7 +77,6 @@ def main_interpret(argv: list[str] | None = None, prog: str = "llama3-sae interp
 
 def main_score(argv: list[str] | None = None, prog: str = "llama3-sae score") -> int:
     """Detection-score the labels in latents.jsonl with Claude; summary table and histogram."""
-    from .scoring import run_score
 
     cfg = _parse(ScoreConfig, argv, prog, ScoreConfig.__doc__)
     return _run_llm_job(run_score, cfg, "score")
@@ -83,7 +84,6 @@ def main_score(argv: list[str] | None = None, prog: str = "llama3-sae score") ->
 
 def main_top_examples(argv: list[str] | None = None, prog: str = "llama3-sae top-examples") -> int:
     """Top-activating documents of every latent of an SAE over a text source, written beside the SAE."""
-    from .examples import TopExamplesConfig, run_top_examples
 
     cfg = _parse(TopExamplesConfig, argv, prog, TopExamplesConfig.__doc__)
     run_top_examples(cfg)

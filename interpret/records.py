@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from sae import io as sae_io
+
 EXAMPLES_FILE = "top_examples.jsonl"
 EXAMPLES_META = "top_examples.json"
 EXAMPLES_FORMAT = "llama3-sae-top-examples"
@@ -175,14 +177,10 @@ def iter_examples(sae_dir: Path, latents: Iterable[int] | None = None) -> Iterat
 # wrappers keep the records keyed by latent and put "latent" first on each line.
 def read_latents(sae_dir: Path) -> dict[int, dict[str, Any]]:
     """{latent: record} from ``SAE_DIR/latents.jsonl`` ({} when there is none)."""
-    from sae.io import read_latents as _read
-
-    return _read(Path(sae_dir))
+    return sae_io.read_latents(Path(sae_dir))
 
 
 def write_latents(sae_dir: Path, records: dict[int, dict[str, Any]]) -> Path:
     """Write all records, ascending by latent, atomically (a kill leaves the old file or the new one)."""
-    from sae.io import write_latents as _write
-
     rows = [{"latent": latent, **{k: v for k, v in rec.items() if k != "latent"}} for latent, rec in records.items()]
-    return _write(Path(sae_dir) / LATENTS_FILE, rows)
+    return sae_io.write_latents(Path(sae_dir) / LATENTS_FILE, rows)

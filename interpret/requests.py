@@ -16,6 +16,8 @@ from rich.console import Console
 
 from llama3_sae.errors import naming
 
+from .parsing import reply_text
+
 # Errors inside a batch result worth another try; the rest (invalid_request_error, authentication_error,
 # permission_error, not_found_error, request_too_large, billing_error, ...) would fail the same way again.
 RETRYABLE_ERROR_TYPES = frozenset({"api_error", "overloaded_error", "rate_limit_error", "timeout_error",
@@ -84,7 +86,6 @@ Handler = Callable[[Outcome, dict[str, Any]], dict[str, Any]]
 
 def outcome_from_result(item: dict[str, Any], batch_id: str) -> Outcome:
     """A line of a batch's results (as a dict) -> ``Outcome``; every result type is handled."""
-    from .parsing import reply_text
 
     cid = str(item.get("custom_id"))
     result = item.get("result") or {}

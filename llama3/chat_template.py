@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
 
-from .tokenizer import ChatFormat, Message
+from .tokenizer import ChatFormat, Message, Tokenizer
 
 __all__ = ["TemplateChatFormat", "NoChatFormat", "chat_format_for", "render_chat_template"]
 
@@ -119,7 +119,6 @@ class NoChatFormat:
 
 def chat_format_for(tokenizer):
     """Llama 3's header format for the tiktoken tokenizer; the checkpoint's own template otherwise."""
-    from .tokenizer import Tokenizer
 
     template = getattr(tokenizer, "chat_template", None)
     if template:

@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 
 from .chat_template import chat_format_for
+from .checkpoint import check_vocab, detect_layout, load_model, load_tokenizer
+from .compilation import decode_compile_options
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -97,7 +99,6 @@ class Llama:
         The KV cache is sized ``max_batch_size x max_seq_len``. ``compile=True`` compiles the one-token
         decode step with torch.compile (static shapes; the first steps pay the compile time).
         """
-        from .checkpoint import check_vocab, detect_layout, load_model, load_tokenizer
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,7 +125,6 @@ class Llama:
         ``prefill=True`` also compiles the multi-token forward, with dynamic shapes (one graph for all
         prompt lengths): it fuses the element-wise work around the matrix products, a few percent of a
         prefill, for one more compilation."""
-        from .compilation import decode_compile_options
 
         model = self.model
 

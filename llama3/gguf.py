@@ -35,6 +35,7 @@ from llama3_sae.files import HashIndex
 from llama3_sae.tensorfile import save_safetensors
 
 from .args import ModelArgs
+from .model import Transformer, rope_frequencies
 
 ARCHITECTURE = "llama"
 
@@ -225,7 +226,6 @@ class GGUFFile:
                              f"{base.head_dim // 2}")
         if torch.all(divisors == 1):
             return {"use_scaled_rope": False}
-        from .model import rope_frequencies
 
         orig = self.get(f"{a}.rope.scaling.original_context_length")
         scaling = {"use_scaled_rope": True, "rope_scaling_factor": float(divisors.max()),
@@ -330,7 +330,6 @@ def _meta_name(name: str) -> str | None:
 def read_state_dict(f: GGUFFile, params: ModelArgs, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """All weights under Meta names, checked against ``params`` (every problem reported at once)."""
-    from .model import Transformer
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(params).state_dict().items()}

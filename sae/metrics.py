@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import SparseAutoencoder
+from .steering import sae_hooks
 from .sparse import SparseCode
 
 
@@ -199,7 +200,6 @@ def downstream_loss(model: Any, sae: SparseAutoencoder, tokens: torch.Tensor, *,
     """Clean loss, loss with the SAE's reconstruction spliced in, loss with the site zero-ablated, the
     difference ``delta_lm_loss`` and ``fidelity`` / ``loss_recovered``. Any other hooks the model has
     stay in place; the model's hooks are restored afterwards."""
-    from .steering import sae_hooks
 
     (target, recon), = sae_hooks(sae, model, mode="reconstruct", site=site).items()
     (_, zero), = sae_hooks(sae, model, mode="zero", site=target).items()

@@ -1,6 +1,7 @@
 """The packages import one way -- llama3_sae (base) <- llama3 <- sae <- capture <- training <- interpret <- apps --
 and no module imports another that imports it back (directly or through others), wherever the import sits
-in the file. Read from the source with ``ast``, so a lazy import inside a function counts too."""
+in the file; and project imports sit at the top of their module. Read from the source with ``ast``, so a
+lazy import inside a function counts too."""
 
 from __future__ import annotations
 
@@ -106,8 +107,30 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def _imports_inside_functions(path: Path) -> list[int]:
+    """Lines of project imports inside a function (they hide the real graph; the stages import at the top)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    lines = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in RANK):
+                    lines.append(node.lineno)
+                elif isinstance(node, ast.Import) and any(a.name.split(".")[0] in RANK for a in node.names):
+                    lines.append(node.lineno)
+    return lines
+
+
+def test_project_imports_sit_at_module_top():
+    lazy = [f"{path.relative_to(REPO)}:{line}" for path in _modules().values() for line in _imports_inside_functions(path)]
+    assert not lazy, "project imports inside functions (move them to the top of the module):\n" + "\n".join(lazy)
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     # The test has teeth: a relative import inside a function is found and resolved.
     mods = _modules()
     deps = _imports("sae.model", mods["sae.model"], set(mods))
     assert "sae.config" in deps and "sae.sparse" in deps
+    lazy = tmp_path / "lazy.py"
+    lazy.write_text("import torch\n\ndef f():\n    import os\n    from .model import X\n    from sae import io\n")
+    assert _imports_inside_functions(lazy) == [5, 6]

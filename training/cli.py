@@ -7,10 +7,15 @@ from __future__ import annotations
 import os
 import sys
 
-from llama3_sae.errors import USER_ERRORS, describe
 from llama3_sae.config import parse_config
+from llama3_sae.errors import USER_ERRORS, describe
 
 from .config import TrainConfig
+from . import eval as sae_eval
+from . import inspect as sae_inspect
+from .eval import EvalConfig
+from .inspect import InspectConfig
+from .run import run_train
 
 _TRAIN_EPILOG = """\
 examples:
@@ -30,8 +35,6 @@ examples:
 
 
 def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") -> int:
-    from .run import run_train
-
     try:
         cfg = parse_config(TrainConfig, argv, prog, "Train a TopK sparse autoencoder on an activation store "
                            "(one process, DDP under torchrun, or latent-sharded with --model-parallel).",
@@ -49,17 +52,15 @@ def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") ->
 
 
 def main_eval(argv: list[str] | None = None, prog: str = "llama3-sae eval") -> int:
-    from .eval import EvalConfig, format_report, run_eval
-
     try:
         cfg = parse_config(EvalConfig, argv, prog, "Evaluate SAEs on held-out text: L0, explained variance, "
                            "dead fraction, and the language-model loss with each SAE spliced into the model "
                            "(delta loss, fidelity). Writes eval.json and eval.png.", _EVAL_EPILOG)
-        report = run_eval(cfg)
+        report = sae_eval.run_eval(cfg)
     except USER_ERRORS as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
-    print(format_report(report))
+    print(sae_eval.format_report(report))
     return 0
 
 
@@ -73,8 +74,6 @@ examples:
 
 
 def main_inspect(argv: list[str] | None = None, prog: str = "llama3-sae inspect-sae") -> int:
-    from .inspect import InspectConfig, format_report, report_json, run_inspect
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):  # llama3-sae inspect-sae PATH [options]
         argv = ["--sae", *argv]
@@ -82,9 +81,9 @@ def main_inspect(argv: list[str] | None = None, prog: str = "llama3-sae inspect-
         cfg = parse_config(InspectConfig, argv, prog, "Show what the loader understood about an SAE (layout, "
                            "architecture, site, model, normalisation and its factors, threshold space, code scale) "
                            "and, with --store, its L0 and explained variance on those activations.", _INSPECT_EPILOG)
-        report = run_inspect(cfg)
+        report = sae_inspect.run_inspect(cfg)
     except USER_ERRORS as e:
         print(f"{prog}: error: {describe(e)}", file=sys.stderr)
         return 2
-    print(report_json(report) if cfg.json else format_report(report))
+    print(sae_inspect.report_json(report) if cfg.json else sae_inspect.format_report(report))
     return 0

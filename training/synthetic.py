@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from capture.config import PreprocessConfig
+from capture.preprocess import run_preprocess
 from capture.store import DTYPE_NAMES, Manifest, write_shard
 
 _DATA_SEED_OFFSET = 0x5EED_DA7A
@@ -52,8 +54,6 @@ def write_store(path: str | Path, activations: torch.Tensor, *, shard_rows: int 
                                    site=site))
     Manifest(d_model=d, dtype=DTYPE_NAMES[dtype], site=site, model=model, shards=entries, num_rows=n).write(path)
     if stats:
-        from capture.config import PreprocessConfig
-        from capture.preprocess import run_preprocess
 
         run_preprocess(PreprocessConfig(store=path, shuffle=False, workers=1, progress=False))
     return path
