@@ -4,11 +4,13 @@ For a text (token ids) and a position ``p`` holding the token to explain, the me
 
     m = logit(token at p) - mean(logits)          (the logits the model computed at position p - 1)
 
-and a latent's score is the gradient of m with respect to that latent's activation, summed over every
-position 0..p-1 the SAE reads: how much m would grow, to first order, if the latent were raised by one
-everywhere. That is exactly what steering that latent by +1 does, so the top latents are the ones to
-steer to make the token more likely (negative scores: less likely). Latents that are off get a score too:
-the SAE's decoder is linear, so the gradient exists for every latent, active or not.
+and two scores per latent:
+
+- contribution (the default ranking): activation x gradient, summed over positions 0..p-1 -- what the
+  latent, as active as it was, added to m to first order. A latent that did not fire contributes 0.
+- gradient: d m / d activation summed over positions: how much m would grow if the latent were raised by
+  one everywhere, which is what steering it by +1 does. It exists for every latent, active or not (the
+  decoder is linear), so by itself it ranks latents that were off.
 
 The forward runs without the KV cache, with the session's steering spliced in (attribution explains
 what the steered model did), and builds a graph only from the SAE's site onwards.
@@ -39,12 +41,21 @@ class Attribution:
     """[n_latents] d metric / d activation, summed over positions 0..p-1 (float32, CPU)."""
     max_acts: torch.Tensor
     """[n_latents] each latent's largest activation over positions 0..p-1, read from the steered activations."""
+    contributions: torch.Tensor
+    """[n_latents] sum over positions of activation x gradient: what the latent, as it was active, added to
+    the metric to first order (0 for a latent that never fired)."""
 
-    def top(self, k: int = 10, *, negative: bool = False) -> list[tuple[int, float, float]]:
-        """(latent, score, max activation) of the k highest scores (lowest with ``negative``)."""
-        k = min(k, self.scores.numel())
-        vals, idx = (-self.scores if negative else self.scores).topk(k)
-        return [(int(i), float(self.scores[i]), float(self.max_acts[i])) for i in idx.tolist()]
+    def top(self, k: int = 10, *, by: str = "contribution", negative: bool = False
+            ) -> list[tuple[int, float, float, float]]:
+        """(latent, contribution, gradient score, max activation) of the k largest ``by`` values
+        ("contribution" or "gradient"; the smallest with ``negative``)."""
+        if by not in ("contribution", "gradient"):
+            raise ValueError(f"rank by 'contribution' or 'gradient', not {by!r}")
+        key = self.contributions if by == "contribution" else self.scores
+        k = min(k, key.numel())
+        _, idx = (-key if negative else key).topk(k)
+        return [(int(i), float(self.contributions[i]), float(self.scores[i]), float(self.max_acts[i]))
+                for i in idx.tolist()]
 
 
 def attribute(engine: Engine, tokens: Sequence[int], position: int | None = None,
@@ -86,10 +97,16 @@ def attribute(engine: Engine, tokens: Sequence[int], position: int | None = None
         # W_dec @ sum_t g_t / out_scale_t.
         stats = sae.norm_stats(y)
         summed = (g / stats.out_scale).sum(0) if sae.cfg.normalization != "none" else g.sum(0)
+        per_pos = g / stats.out_scale if sae.cfg.normalization != "none" else g  # [T, d] d metric / d x_hat
         scores = sae.W_dec.float() @ summed
         code = sae.encode(y, sparse=True)
+        idx, vals = code.indices, code.values.float()  # [T, k]
         max_acts = torch.zeros(sae.cfg.n_latents, device=y.device)
-        max_acts.scatter_reduce_(0, code.indices.reshape(-1), code.values.float().reshape(-1), "amax")
+        max_acts.scatter_reduce_(0, idx.reshape(-1), vals.reshape(-1), "amax")
+        # Activation x gradient of each active (position, latent): h * (W_dec[latent] . gradient there).
+        grads = (sae.W_dec.float()[idx] * per_pos[:, None, :]).sum(-1)  # [T, k]
+        contributions = torch.zeros(sae.cfg.n_latents, device=y.device)
+        contributions.index_add_(0, idx.reshape(-1), (vals * grads).reshape(-1))
     return Attribution(tokens=tokens[:position + 1], position=position,
                        token_text=engine.llm.tokenizer.decode([target]), metric=float(metric.detach()),
-                       scores=scores.cpu(), max_acts=max_acts.cpu())
+                       scores=scores.cpu(), max_acts=max_acts.cpu(), contributions=contributions.cpu())

@@ -165,7 +165,7 @@ class Engine:
         self.max_batch, self.max_seq_len = shape
         # The model, its KV cache and its hooks are shared by every caller: one generation at a time. A
         # stream holds it from its first step to its end (the web app runs streams on threads of their own,
-        # see apps.web.in_worker, so an abandoned one still ends and lets go).
+        # see apps.web_app.in_worker, so an abandoned one still ends and lets go).
         self._lock = threading.Lock()
 
     @classmethod
@@ -259,9 +259,10 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def stream(self, prompt_tokens: Sequence[Sequence[int]], sampling: Sampling, edits: Sequence[Edit] = (),
-               top_latents: int = 8) -> Iterator[EngineStep]:
+               top_latents: int = 8, seeds: Sequence[int | None] | None = None) -> Iterator[EngineStep]:
         """Stream a batch with ``edits`` spliced in at the SAE's site; report the top ``top_latents``
-        latents of each row at every step (0: none; no SAE: none)."""
+        latents of each row at every step (0: none; no SAE: none). ``seeds``: one per row instead of
+        ``sampling.seed + row``."""
         self.check_tokens(prompt_tokens)
         self.check_edits(edits)
         edits = tuple(edits)
@@ -270,10 +271,10 @@ class Engine:
         with self._lock:
             fns = {self.site: steer_fn(self.sae, edits)} if (self.sae is not None and edits) else None
             with model.hooks([self.site] if read else None, fns):
-                yield from self._stream(prompt_tokens, sampling, edits, top_latents if read else 0)
+                yield from self._stream(prompt_tokens, sampling, edits, top_latents if read else 0, seeds)
 
     def _stream(self, prompt_tokens: Sequence[Sequence[int]], sampling: Sampling, edits: tuple[Edit, ...],
-                top_latents: int) -> Iterator[EngineStep]:
+                top_latents: int, seeds: Sequence[int | None] | None) -> Iterator[EngineStep]:
         model, tok = self.llm.model, self.llm.tokenizer
         B = len(prompt_tokens)
         full = [list(p) for p in prompt_tokens]
@@ -282,7 +283,7 @@ class Engine:
         key = input_site_of(self.site) if top_latents else None  # a transcoder reads its MLP input
         peak = None
         for step in self.llm.stream(prompt_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                    max_gen_len=sampling.max_new_tokens, seed=sampling.seed):
+                                    max_gen_len=sampling.max_new_tokens, seed=sampling.seed, seeds=seeds):
             token_text: list[str | None] = [None] * B
             latents = None
             if key is not None:
@@ -313,6 +314,33 @@ class Engine:
         assert self.sae is not None
         h = self.sae.encode(acts[:, -1].float()).float()
         return apply_edits(h, edits)
+
+    def latent_acts(self, sequences: Sequence[Sequence[int]], latent: int, edits: Sequence[Edit] = ()
+                    ) -> list[list[float]]:
+        """``latent``'s activation at every token of each sequence (prompt + output), with ``edits`` applied
+        as the steered run applied them: what the later layers were given. One forward without the KV cache;
+        the activations at the SAE's own site do not depend on steering there, only on the tokens."""
+        if self.sae is None:
+            raise ValueError("latent activations need an SAE, and none is loaded")
+        self.catalog.check(latent)
+        self.check_edits(edits)
+        model = self.llm.model
+        device = model.tok_embeddings.weight.device
+        longest = max(len(s) for s in sequences)
+        ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
+        for i, s in enumerate(sequences):  # right padding: causal attention keeps it out of the real tokens
+            ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        key = input_site_of(self.site)
+        with self._lock, torch.inference_mode(), model.hooks([self.site], None):
+            acts = model.forward_activations(ids)[key].float()  # [B, T, d]
+            B, T, d = acts.shape
+            h = self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1)
+            for e in edits:
+                rows = list(range(B)) if e.rows is None else [r for r in e.rows if r < B]
+                if rows:
+                    h[rows, :, e.latent] = e.apply(h[rows, :, e.latent])
+            col = h[:, :, latent].cpu()
+        return [col[i, :len(s)].tolist() for i, s in enumerate(sequences)]
 
     # ------------------------------------------------------------------ convenience
     def complete(self, prompts: Sequence[str], sampling: Sampling, edits: Sequence[Edit] = (), *,

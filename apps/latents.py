@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from interpret.records import EXAMPLES_FILE, EXAMPLES_META, LatentExamples
 from sae.io import read_latents
 
-EXAMPLES_FILE = "top_examples.jsonl"
-EXAMPLES_META = "top_examples.json"
 # The stats object sits near the start of each line, before the (large) documents; reading only a prefix
 # keeps a scan of a multi-GB file to reading it once, without parsing the documents.
 _STATS = re.compile(r'"stats":\s*(\{[^{}]*\})')
@@ -45,17 +44,24 @@ class LatentCatalog:
     """Labels and activation ranges of one SAE's latents, read once from its directory."""
 
     def __init__(self, n_latents: int, labels: dict[int, dict[str, Any]] | None = None,
-                 max_acts: dict[int, float] | None = None):
+                 max_acts: dict[int, float] | None = None, examples: ExamplesIndex | None = None):
         self.n_latents = n_latents
         self.labels = {k: v for k, v in (labels or {}).items() if 0 <= k < n_latents}
         self.max_acts = {k: v for k, v in (max_acts or {}).items() if 0 <= k < n_latents}
+        self._examples = examples
 
     @classmethod
     def from_dir(cls, sae_dir: str | Path | None, n_latents: int) -> "LatentCatalog":
         if sae_dir is None or not Path(sae_dir).is_dir():
             return cls(n_latents)
         sae_dir = Path(sae_dir)
-        return cls(n_latents, read_latents(sae_dir), read_max_activations(sae_dir))
+        index = ExamplesIndex.scan(sae_dir)
+        return cls(n_latents, read_latents(sae_dir), index.max_acts if index else {}, index)
+
+    def examples(self, latent: int) -> LatentExamples | None:
+        """The latent's record of ``top_examples.jsonl`` (None without a finished top-examples run)."""
+        self.check(latent)
+        return self._examples.read(latent) if self._examples is not None else None
 
     # ------------------------------------------------------------------ lookups
     def info(self, latent: int) -> LatentInfo:
@@ -111,38 +117,72 @@ class LatentCatalog:
         labelled.sort(key=lambda i: (-(i.certainty or 0.0), i.latent))
         return (exact + labelled)[:limit]
 
-    def slider_range(self, latent: int, default: float = 10.0) -> tuple[float, float]:
-        """Range of a steering slider (the value added to the latent): +-2x the largest activation seen in
-        the top examples, so a latent can be pushed to twice its strongest natural firing or switched off.
-        ``default`` when no top examples were computed (or the latent never fired)."""
+    def slider_range(self, latent: int, default: float = 10.0, factor: float = 4.0) -> tuple[float, float]:
+        """Range of a steering slider (the value added to the latent): +-``factor`` x the largest activation
+        seen in the top examples, so a latent can be pushed well past its strongest natural firing or
+        switched off. ``default`` when no top examples were computed (or the latent never fired)."""
         top = self.max_acts.get(self.check(latent))
-        bound = 2.0 * top if top and top > 0 else default
+        bound = factor * top if top and top > 0 else default
         bound = float(f"{bound:.3g}")  # a slider shows its ends: 3 significant digits are plenty
         return -bound, bound
 
 
+@dataclass
+class ExamplesIndex:
+    """Where each latent's line of ``top_examples.jsonl`` starts, and its largest activation: read in one pass
+    over the file (only each line's start is parsed), so a latent's record is one seek and one line later."""
+
+    path: Path
+    offsets: dict[int, int]
+    max_acts: dict[int, float]
+
+    @classmethod
+    def scan(cls, sae_dir: Path) -> ExamplesIndex | None:
+        """None when the file is absent or the top-examples run did not finish (its numbers would be partial)."""
+        meta_path, path = sae_dir / EXAMPLES_META, sae_dir / EXAMPLES_FILE
+        if not (meta_path.is_file() and path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if not meta.get("complete"):
+            return None
+        offsets: dict[int, int] = {}
+        max_acts: dict[int, float] = {}
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                head = raw[:_PREFIX_CHARS].decode("utf-8", errors="replace")
+                m = _STATS.search(head)
+                latent = re.match(r'\{"latent":\s*(\d+)', head)
+                if m is None or latent is None:
+                    raise ValueError(f"{path}:{lineno}: no latent index or stats at the start of the line; rerun "
+                                     "`llama3-sae top-examples`")
+                index = int(latent.group(1))
+                offsets[index] = offset
+                value = json.loads(m.group(1)).get("max")
+                if isinstance(value, (int, float)) and value > 0:
+                    max_acts[index] = float(value)
+                offset += len(raw)
+        return cls(path, offsets, max_acts)
+
+    def read(self, latent: int) -> LatentExamples | None:
+        offset = self.offsets.get(latent)
+        if offset is None:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            line = f.readline()
+        try:
+            return LatentExamples.from_json(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.path}: the record of latent {latent} is damaged ({e}); rerun top-examples "
+                             "(or it was rewritten since the app started)") from None
+
+
 def read_max_activations(sae_dir: Path) -> dict[int, float]:
     """{latent: largest activation seen} from ``top_examples.jsonl``; {} when the file is absent or the
-    top-examples run did not finish (its numbers would be partial)."""
-    meta_path, path = sae_dir / EXAMPLES_META, sae_dir / EXAMPLES_FILE
-    if not (meta_path.is_file() and path.is_file()):
-        return {}
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    if not meta.get("complete"):
-        return {}
-    out: dict[int, float] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            head = line[:_PREFIX_CHARS]
-            m = _STATS.search(head)
-            latent = re.match(r'\{"latent":\s*(\d+)', head)
-            if m is None or latent is None:
-                raise ValueError(f"{path}:{lineno}: no latent index or stats at the start of the line; rerun "
-                                 "`llama3-sae top-examples`")
-            value = json.loads(m.group(1)).get("max")
-            if isinstance(value, (int, float)) and value > 0:
-                out[int(latent.group(1))] = float(value)
-    return out
+    top-examples run did not finish."""
+    index = ExamplesIndex.scan(sae_dir)
+    return index.max_acts if index is not None else {}

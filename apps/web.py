@@ -1,603 +1,405 @@
 """``llama3-sae ui``: the web app (Gradio 6). Steer a model with SAE latents from a browser.
 
-* Text: prompts one per line, streamed, unsteered and steered side by side; the latents most active
-  over the steered output, with labels (click a row to steer that latent).
-* Chat: a conversation with the same steering.
-* Steering: search latents by label, add them as sliders (the range comes from the activations seen in
-  the latent's top examples), move a slider, generate again.
-* Attribution: pick a generated token; the latents whose activation most raises (logit of that token -
-  mean logit), each with a button to steer it (see ``apps.attribution``).
+* Text: prompts one per line, streamed, unsteered and steered in one batch; the tokens shaded by a
+  latent's activation with the steered tokens that differ outlined; the latents most active over the
+  output (click a row for its page); attribution of a generated token to the latents.
+* Chat: a conversation with the same steering, and the unsteered reply beside it.
+* Latent pages: label, certainty, scores, density, top examples and quantile samples shaded token by
+  token, the output tokens it promotes and suppresses, a steer button; opened from search results, the
+  latents table and attribution rows.
+* Steering: search latents by label, add them as sliders (+-4x the latent's largest activation), or type
+  any value in a slider's box (the slider widens to hold it). The applied values are always shown.
 
 Every browser session has its own steering (a ``gr.State``); nothing is ever set on the shared SAE or
 model outside one generation, so two users never see each other's settings. The server listens on
 127.0.0.1 unless ``--host`` says otherwise; ``--share`` (a public Gradio link) is off unless asked for.
-Model calls go through one queue with ``--concurrency`` of them running at once.
+Model calls go through one queue with ``--concurrency`` of them running at once. The handlers are
+``apps.web_app``'s; this module lays out the panels and wires them.
 """
 
 from __future__ import annotations
 
-import copy
-import queue
-import re
 import sys
-import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
-
-from sae import Edit
+from dataclasses import dataclass
+from typing import Any
 
 from llama3_sae.config import parse_config
-from .attribution import attribute
-from .engine import Engine, EngineStep, ModelOptions, Sampling, check_sampling
-from .latents import UNLABELLED
+
+from .engine import Engine
+from .latent_page import PAGE_CSS
+from .web_app import SessionState, UiConfig, WebApp, sampling_of, slider_label
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MODEL_QUEUE = "model"
-T = TypeVar("T")
+N_ATTR = 8
+
+CSS = PAGE_CSS + """
+.token-view .tokens { font-family: ui-monospace, monospace; white-space: pre-wrap; margin: 2px 0; }
+.token-view .act { display: inline-block; min-width: 6em; color: #888; }
+"""
 
 
-def in_worker(make: Callable[[], Iterator[T]]) -> Iterator[T]:
-    """Iterate ``make()`` on a thread of its own and hand its items over.
-
-    An engine stream holds the model's lock until it ends. Run by the web server directly, a stream whose
-    browser went away could stay suspended, lock held, for as long as the server keeps the abandoned
-    generator: every other user would wait. On its own thread it always runs to its end (at most
-    max_new_tokens steps) or stops at the next step once this side is closed, and releases the lock itself.
-    """
-    items: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    def work() -> None:
-        steps = make()
-        try:
-            for item in steps:
-                items.put(("item", item))
-                if stop.is_set():
-                    break
-        except BaseException as e:  # handed to the consumer, which raises it where it can be reported
-            items.put(("error", e))
-        else:
-            items.put(("done", None))
-        finally:
-            steps.close()  # type: ignore[attr-defined]
-
-    threading.Thread(target=work, name="llama3-sae-generate", daemon=True).start()
-    try:
-        while True:
-            kind, value = items.get()
-            if kind == "item":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-    finally:
-        stop.set()
+def _hide_slider_boxes(n: int) -> str:
+    """CSS that hides each steering slider's own number box: it clamps typed values to the range without
+    telling the server, so the value box beside the slider (which widens the range) takes typed values."""
+    return "".join(f"#steer-slider-{i} input[type=number] {{ display: none; }}\n" for i in range(n))
 
 
-# --------------------------------------------------------------------------- options
 @dataclass
-class UiConfig(ModelOptions):
-    sae: Path | None = None
-    """SAE directory (this project's format, or any layout load_sae reads). Without it the app only completes."""
-    site: str | None = None
-    """Hook site of the SAE (e.g. L15R) when its files do not say."""
-    host: str = "127.0.0.1"
-    """Address to listen on. The default is reachable from this machine only; 0.0.0.0 opens the app (and the
-    model) to every machine that can reach this one, without a password."""
-    port: int | None = None
-    """Port to listen on (default: the first free one from 7860)."""
-    share: bool = False
-    """Also publish the app through a temporary public gradio.live link."""
-    max_batch: int = 4
-    """Most prompts per request (one per line); more are refused with a message."""
-    concurrency: int = 1
-    """Model requests (generations, attributions) running at once; others wait in the queue. They share one
-    model, so more than 1 only overlaps their non-model work."""
-    queue_size: int = 64
-    """Requests that may wait in the queue; more are turned away with a message."""
-    steer_slots: int = 8
-    """Most latents steered at once per session (one slider each)."""
-    max_new_tokens: int = 48
-    """Initial value of the max-new-tokens slider."""
-    max_new_tokens_limit: int = 512
-    """Upper end of the max-new-tokens slider."""
-    temperature: float = 0.7
-    """Initial temperature (0 = greedy)."""
-    top_p: float = 0.9
-    """Initial top-p."""
-    seed: int | None = 42
-    """Initial seed (empty in the page: a new random sample each time)."""
-    default_range: float = 10.0
-    """Slider range (+-) for latents without top examples to take it from."""
+class Page:
+    """The components the wiring needs, by name."""
 
-    def __post_init__(self) -> None:
-        problems = []
-        for name in ("max_batch", "concurrency", "queue_size", "steer_slots", "max_new_tokens_limit"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.max_new_tokens <= self.max_new_tokens_limit:
-            problems.append(f"max_new_tokens must be in 1..max_new_tokens_limit={self.max_new_tokens_limit}, "
-                            f"got {self.max_new_tokens}")
-        if not self.default_range > 0:
-            problems.append(f"default_range must be > 0, got {self.default_range}")
+    c: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
         try:
-            check_sampling(self.temperature, self.top_p, self.max_new_tokens)
-        except ValueError as e:
-            problems.append(str(e))
-        if problems:
-            raise ValueError("; ".join(problems))
+            return self.c[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
-# --------------------------------------------------------------------------- per-session state
-@dataclass
-class SessionState:
-    """Everything one browser session owns. Gradio keeps one copy per session."""
-
-    steer: dict[int, float] = field(default_factory=dict)
-    """latent -> value added to it, in slider order."""
-    unsteered_key: tuple | None = None
-    unsteered: EngineStep | None = None
-    """The last step of the last unsteered run and the inputs that made it (reused while the inputs and the
-    sampling are unchanged and deterministic, so moving a slider only regenerates the steered side)."""
-    last_tokens: list[int] = field(default_factory=list)
-    """Prompt + generated ids of the first prompt's last shown output (what attribution explains)."""
-    last_prompt_len: int = 0
-    last_edits: list[Edit] = field(default_factory=list)
-    table_latents: list[int] = field(default_factory=list)
-    """Latent of each row of the top-latents table."""
-    attr_latents: list[int] = field(default_factory=list)
-    """Latent of each attribution row (for its steer button)."""
-    chat: list[dict[str, str]] = field(default_factory=list)
-
-    def edits(self) -> list[Edit]:
-        return [Edit(latent, "add", value) for latent, value in self.steer.items() if value != 0]
+# --------------------------------------------------------------------------- panels
+def _header(gr: Any, app: WebApp, cfg: UiConfig) -> dict[str, Any]:
+    engine = app.engine
+    lines = [f"**Model** `{engine.ckpt_dir}`"]
+    if engine.sae is not None:
+        lines.append(f"**SAE** `{engine.sae_dir}` at site `{engine.site}`, {engine.n_latents:,} latents · "
+                     f"{engine.catalog.provenance()}")
+    else:
+        lines.append("No SAE loaded (start with `--sae SAE_DIR` to steer, open latent pages and attribute).")
+    gr.Markdown("## llama3-sae · look inside a model and steer it with its SAE latents")
+    gr.Markdown("  \n".join(lines))
+    out = {"status": gr.Markdown("", elem_id="status")}
+    with gr.Row():
+        out["max_new"] = gr.Slider(1, cfg.max_new_tokens_limit, value=cfg.max_new_tokens, step=1,
+                                   label="max new tokens", elem_id="max-new-tokens")
+        out["temperature"] = gr.Slider(0.0, 2.0, value=cfg.temperature, step=0.05, label="temperature (0 = greedy)",
+                                       elem_id="temperature")
+        out["top_p"] = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top-p", elem_id="top-p")
+        out["seed"] = gr.Number(value=cfg.seed, precision=0, label="seed (empty = random)", elem_id="seed")
+    return out
 
 
-def md_escape(text: str) -> str:
-    """Labels and tokens are data: shown in Markdown, their * _ ` [ and friends must stay literal."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+def _text_tab(gr: Any, cfg: UiConfig, has_sae: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["prompts"] = gr.Textbox(lines=3, label=f"prompts (one per line, at most {cfg.max_batch})",
+                                placeholder="The delegates gathered at the", elem_id="prompts")
+    out["generate"] = gr.Button("Generate", variant="primary", elem_id="generate")
+    with gr.Row():
+        out["unsteered"] = gr.Textbox(lines=6, label="unsteered", interactive=False, elem_id="unsteered")
+        out["steered"] = gr.Textbox(lines=6, label="steered", interactive=False, elem_id="steered")
+    out["highlight"] = gr.Dropdown(choices=[], label="shade the tokens by latent", elem_id="highlight",
+                                   visible=has_sae, allow_custom_value=True)
+    out["view"] = gr.HTML("", elem_id="token-view")
+    out["table"] = gr.Dataframe(headers=["prompt", "latent", "max act", "label"],
+                                label="latents most active over the steered output (click a row for its page)",
+                                interactive=False, elem_id="latents-table", visible=has_sae)
+    with gr.Accordion("Attribution: which latents made the model pick a token", open=False, visible=has_sae):
+        with gr.Row():
+            out["attr_token"] = gr.Dropdown(choices=[], label="token of the first prompt's output",
+                                            elem_id="attr-token", scale=3)
+            out["attr_by"] = gr.Radio([("activation x gradient", "contribution"), ("gradient only", "gradient")],
+                                      value="contribution", label="rank by", elem_id="attr-by", scale=2)
+            out["attr_btn"] = gr.Button("Attribute", elem_id="attribute", scale=1)
+        out["attr_summary"] = gr.Markdown("", elem_id="attr-summary")
+        rows, texts, opens, steers = [], [], [], []
+        for j in range(N_ATTR):
+            with gr.Row(visible=False) as row:
+                texts.append(gr.Markdown("", elem_id=f"attr-text-{j}"))
+                opens.append(gr.Button("page", size="sm", scale=0, elem_id=f"attr-open-{j}"))
+                steers.append(gr.Button("steer", size="sm", scale=0, elem_id=f"attr-steer-{j}"))
+            rows.append(row)
+        out.update(attr_rows=rows, attr_texts=texts, attr_opens=opens, attr_steers=steers)
+    return out
 
 
-def parse_prompts(text: str | None) -> list[str]:
-    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+def _chat_tab(gr: Any) -> dict[str, Any]:
+    out = {"chatbot": gr.Chatbot(label="chat (with the steering on the right)", height=360, elem_id="chatbot")}
+    with gr.Row():
+        out["chat_msg"] = gr.Textbox(label="message", scale=4, elem_id="chat-message")
+        out["chat_send"] = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
+        out["chat_clear"] = gr.Button("Clear", scale=1, elem_id="chat-clear")
+    out["chat_unsteered"] = gr.Textbox(lines=4, label="the last reply without steering (same conversation, same "
+                                       "seed)", interactive=False, elem_id="chat-unsteered")
+    return out
 
 
-def format_outputs(prompts: list[str], texts: list[str]) -> str:
-    if len(prompts) == 1:
-        return prompts[0] + texts[0]
-    return "\n\n".join(f"[{i + 1}] {p}{t}" for i, (p, t) in enumerate(zip(prompts, texts)))
+def _latent_tab(gr: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with gr.Row():
+        out["page_latent"] = gr.Number(label="latent", precision=0, elem_id="page-latent", scale=2)
+        out["page_open"] = gr.Button("Open", elem_id="page-open", scale=1)
+        out["page_steer"] = gr.Button("Steer this latent", elem_id="page-steer", scale=1)
+    out["page"] = gr.HTML("<p>Open a latent from the search, the latents table or an attribution row.</p>",
+                          elem_id="latent-page")
+    return out
 
 
-def _texts(step: EngineStep) -> list[str]:
-    assert step.completions is not None
-    return [c.text for c in step.completions]
+def _steering_panel(gr: Any, app: WebApp, cfg: UiConfig) -> dict[str, Any]:
+    gr.Markdown("### Steering")
+    out: dict[str, Any] = {}
+    with gr.Row():
+        out["search"] = gr.Textbox(label="search latents by label (or type an index)", scale=3, elem_id="search")
+        out["search_btn"] = gr.Button("Search", scale=1, elem_id="search-btn")
+    # Custom values: a latent index can be typed here directly (checked when added).
+    out["hits"] = gr.Dropdown(choices=[], label="matches (or type a latent index)", elem_id="search-hits",
+                              interactive=True, allow_custom_value=True)
+    with gr.Row():
+        out["add"] = gr.Button("Add as slider", elem_id="add-latent")
+        out["open"] = gr.Button("Open its page", elem_id="open-latent")
+    out["summary"] = gr.Markdown(app.steering_summary(SessionState()), elem_id="steering-summary")
+    rows, sliders, values, removes = [], [], [], []
+    for i in range(cfg.steer_slots):
+        with gr.Row(visible=False) as row:
+            sliders.append(gr.Slider(-cfg.default_range, cfg.default_range, value=0, step=0.1, label="",
+                                     elem_id=f"steer-slider-{i}", scale=4))
+            values.append(gr.Number(value=0, label="value", elem_id=f"steer-value-{i}", scale=1, min_width=80))
+            removes.append(gr.Button("remove", size="sm", scale=0, elem_id=f"steer-remove-{i}"))
+        rows.append(row)
+    out.update(slot_rows=rows, slot_sliders=sliders, slot_values=values, slot_removes=removes)
+    out["clear"] = gr.Button("Clear steering", size="sm", elem_id="clear-steering")
+    return out
 
 
-def sampling_of(max_new: Any, temperature: Any, top_p: Any, seed: Any) -> Sampling:
-    """The page's sampling controls -> Sampling (ValueError with the problem, for the status line)."""
-    try:
-        seed_value = None if seed in (None, "") else int(seed)
-        return Sampling(temperature=float(temperature), top_p=float(top_p), seed=seed_value,
-                        max_new_tokens=int(max_new))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"sampling settings: {e}") from None
+def _layout(gr: Any, app: WebApp, cfg: UiConfig) -> Page:
+    has_sae = app.engine.sae is not None
+    c: dict[str, Any] = {"state": gr.State(SessionState())}
+    c.update(_header(gr, app, cfg))
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Tabs(elem_id="tabs") as tabs:
+                c["tabs"] = tabs
+                with gr.Tab("Text", id="text"):
+                    c.update(_text_tab(gr, cfg, has_sae))
+                with gr.Tab("Chat", id="chat"):
+                    c.update(_chat_tab(gr))
+                with gr.Tab("Latent", id="latent", visible=has_sae):
+                    c.update(_latent_tab(gr))
+        with gr.Column(scale=2, visible=has_sae):
+            c.update(_steering_panel(gr, app, cfg))
+    return Page(c)
 
 
-# --------------------------------------------------------------------------- the app logic (no Gradio)
-class WebApp:
-    """The handlers behind the page, written against plain values so they can be tested without a browser."""
+# --------------------------------------------------------------------------- wiring
+def _fail(gr: Any, e: Exception) -> str:
+    gr.Warning(str(e))
+    return f"⚠ {e}"
 
-    def __init__(self, engine: Engine, cfg: UiConfig):
-        self.engine = engine
-        self.cfg = cfg
-        self.catalog = engine.catalog
 
-    # ------------------------------------------------------------------ steering
-    def slider_range(self, latent: int) -> tuple[float, float]:
-        return self.catalog.slider_range(latent, self.cfg.default_range)
-
-    def default_value(self, latent: int) -> float:
-        """A new slider starts at the latent's strongest activation seen in its top examples (a clear
-        push); without top examples, at a quarter of the default range."""
-        top = self.catalog.max_acts.get(latent)
-        return round(top, 3) if top else self.cfg.default_range / 4
-
-    def add_latent(self, state: SessionState, latent: int, value: float | None = None) -> str:
-        """Add a latent to the session's steering; returns a status line."""
-        if self.engine.sae is None:
-            raise ValueError("no SAE loaded: start the app with --sae SAE_DIR to steer")
-        latent = self.catalog.check(int(latent))
-        if latent in state.steer:
-            return f"latent {latent} is already steered"
-        if len(state.steer) >= self.cfg.steer_slots:
-            raise ValueError(f"at most {self.cfg.steer_slots} latents at once: remove one first")
-        state.steer[latent] = self.default_value(latent) if value is None else float(value)
-        return f"steering latent {latent} ({md_escape(self.catalog.label(latent))}) by {state.steer[latent]:+g}"
-
-    def set_slot(self, state: SessionState, slot: int, value: float) -> None:
-        latents = list(state.steer)
-        if slot < len(latents) and value is not None:
-            state.steer[latents[slot]] = float(value)
-
-    def remove_slot(self, state: SessionState, slot: int) -> None:
-        latents = list(state.steer)
-        if slot < len(latents):
-            del state.steer[latents[slot]]
-
-    def search(self, query: str) -> list[tuple[str, str]]:
-        hits = self.catalog.search(query or "", limit=30) if self.engine.sae is not None else []
-        return [(f"{h.latent} · {h.label}", str(h.latent)) for h in hits]
-
-    def steering_summary(self, state: SessionState) -> str:
-        if not state.steer:
-            return "No latents steered: search for one above (or click a row of the latents table)."
-        return "Steering: " + "; ".join(f"latent {k} {v:+g}" for k, v in state.steer.items())
-
-    # ------------------------------------------------------------------ generation
-    def generate(self, state: SessionState, prompts_text: str, sampling: Sampling) -> Iterator[dict[str, Any]]:
-        """Yield dicts of what changed: unsteered, steered (texts), latents (table rows), tokens
-        (attribution choices), status. Bad input ends in one status, never an exception."""
-        prompts = parse_prompts(prompts_text)
-        if not prompts:
-            yield {"status": "Type a prompt first (one per line)."}
-            return
-        if len(prompts) > self.cfg.max_batch:
-            yield {"status": f"{len(prompts)} prompts: this server completes at most {self.cfg.max_batch} at once. "
-                             "Remove some lines."}
-            return
-        try:
-            tokens = self.engine.encode_prompts(prompts)
-        except ValueError as e:
-            yield {"status": f"Cannot complete: {e}."}
-            return
-        edits = state.edits()
-        key = (tuple(prompts), sampling)
-        deterministic = sampling.temperature == 0 or sampling.seed is not None
-        top = 10 if self.engine.sae is not None else 0
-        if deterministic and state.unsteered_key == key and state.unsteered is not None:
-            base = state.unsteered
-            yield {"unsteered": format_outputs(prompts, _texts(base))}
+def _slot_updates(gr: Any, app: WebApp, st: SessionState, n_slots: int) -> list[Any]:
+    """Row, slider and value box of every slot, from the session's applied values."""
+    out: list[Any] = []
+    items = list(st.steer.items())
+    for i in range(n_slots):
+        if i < len(items):
+            latent, value = items[i]
+            bound = app.slider_bound(st, latent)
+            out += [gr.update(visible=True),
+                    gr.update(minimum=-bound, maximum=bound, value=value, step=round(bound / 100, 6),
+                              label=slider_label(app.catalog, latent)),
+                    gr.update(value=value)]
         else:
-            base = None
-            texts = [""] * len(prompts)
-            for base in in_worker(lambda: self.engine.stream(tokens, sampling, (), top_latents=top)):
-                for i, d in enumerate(base.deltas):
-                    texts[i] += d
-                yield {"unsteered": format_outputs(prompts, texts), "status": "generating (unsteered)…"}
-            state.unsteered_key, state.unsteered = key, base
-        assert base is not None and base.completions is not None
-        shown, shown_edits = base, []
-        if edits:
-            texts = [""] * len(prompts)
-            for shown in in_worker(lambda: self.engine.stream(tokens, sampling, edits, top_latents=top)):
-                for i, d in enumerate(shown.deltas):
-                    texts[i] += d
-                yield {"steered": format_outputs(prompts, texts), "status": "generating (steered)…"}
-            shown_edits = edits
-            same = _texts(shown) == _texts(base)
-            status = "Done." + (" The steered output equals the unsteered one: try a larger value." if same else "")
-        else:
-            status = "Done. No latents steered, so only the unsteered output was generated."
-            yield {"steered": "(add a latent on the right to steer)"}
-        out: dict[str, Any] = {"status": status}
-        assert shown.completions is not None
-        first = shown.completions[0]
-        state.last_tokens = list(first.prompt_tokens) + list(first.tokens)
-        state.last_prompt_len = len(first.prompt_tokens)
-        state.last_edits = list(shown_edits)
-        out["tokens"] = self.token_choices(state)
-        if shown.output_latents is not None:
-            out["latents"] = self.latent_rows(state, shown.output_latents)
-        yield out
+            out += [gr.update(visible=False), gr.update(value=0), gr.update(value=0)]
+    return out
 
-    def token_choices(self, state: SessionState) -> list[tuple[str, str]]:
-        tok = self.engine.llm.tokenizer
-        return [(f"{p - state.last_prompt_len + 1}: {tok.decode([state.last_tokens[p]])!r}", str(p))
-                for p in range(state.last_prompt_len, len(state.last_tokens))]
 
-    def latent_rows(self, state: SessionState, per_row: list[list[tuple[int, float]]]) -> list[list[Any]]:
-        rows, latents = [], []
-        for i, hits in enumerate(per_row):
-            for latent, value in hits:
-                mark = "  ◆ steered" if latent in state.steer else ""
-                rows.append([i + 1, latent, round(value, 3), self.catalog.label(latent) + mark])
-                latents.append(latent)
-        state.table_latents = latents
-        return rows
+def _wire_steering(gr: Any, app: WebApp, p: Page, n_slots: int) -> list[Any]:
+    """Search, add, sliders, value boxes, remove, clear. Returns the outputs every steering change updates."""
+    slot_outputs = [x for trio in zip(p.slot_rows, p.slot_sliders, p.slot_values) for x in trio]
+    outputs = [p.state, p.summary, p.status, *slot_outputs]
 
-    # ------------------------------------------------------------------ chat
-    def chat(self, state: SessionState, message: str, sampling: Sampling) -> Iterator[dict[str, Any]]:
-        message = (message or "").strip()
-        if not message:
-            yield {"status": "Type a message first."}
-            return
-        dialog = [*state.chat, {"role": "user", "content": message}]
+    def result(st: SessionState, message: str) -> list[Any]:
+        return [st, app.steering_summary(st), message, *_slot_updates(gr, app, st, n_slots)]
+
+    def do_search(st: SessionState, query: str):
+        choices = app.search(query)
+        note = "" if choices else ("No latent label matches." if (query or "").strip() else "")
+        return st, gr.update(choices=choices, value=choices[0][1] if choices else None), note
+
+    p.search_btn.click(do_search, [p.state, p.search], [p.state, p.hits, p.status], api_name="search")
+    p.search.submit(do_search, [p.state, p.search], [p.state, p.hits, p.status], api_visibility="private")
+
+    def do_add(st: SessionState, choice: str | None):
         try:
-            tokens = self.engine.encode_dialog(dialog)
+            text = str(choice if choice is not None else "").strip()
+            if not text.isdigit():
+                raise ValueError("search for a latent and pick one of the matches (or type a latent index) first")
+            message = app.add_latent(st, int(text))
         except ValueError as e:
-            yield {"status": f"Cannot reply: {e}."}
+            message = _fail(gr, e)
+        return result(st, message)
+
+    p.add.click(do_add, [p.state, p.hits], outputs, api_name="add_latent")
+    for i in range(n_slots):
+        def on_value(st: SessionState, value: Any, i: int = i):
+            latent = app.slot_latent(st, i)
+            message = ""
+            if latent is not None:
+                try:
+                    app.set_value(st, latent, value)
+                except ValueError as e:
+                    message = _fail(gr, e)  # refused: the boxes go back to the applied value below
+            return result(st, message)
+
+        def on_remove(st: SessionState, i: int = i):
+            app.remove_slot(st, i)
+            return result(st, "")
+
+        # `input` fires on the user's moves only, not when the server refills a slot.
+        p.slot_sliders[i].input(on_value, [p.state, p.slot_sliders[i]], outputs, api_name=f"set_slider_{i}")
+        p.slot_values[i].submit(on_value, [p.state, p.slot_values[i]], outputs, api_name=f"set_value_{i}")
+        p.slot_values[i].blur(on_value, [p.state, p.slot_values[i]], outputs, api_visibility="private")
+        p.slot_removes[i].click(on_remove, [p.state], outputs, api_name=f"remove_slider_{i}")
+
+    def do_clear(st: SessionState):
+        st.steer.clear()
+        return result(st, "Steering cleared.")
+
+    p.clear.click(do_clear, [p.state], outputs, api_name="clear_steering")
+
+    def add_from(st: SessionState, latent: Any):
+        try:
+            message = app.add_latent(st, int(latent))
+        except (TypeError, ValueError) as e:
+            message = _fail(gr, ValueError(str(e)))
+        return result(st, message)
+
+    p.page_steer.click(add_from, [p.state, p.page_latent], outputs, api_name="steer_page_latent")
+    for j in range(N_ATTR):
+        def on_attr_steer(st: SessionState, j: int = j):
+            return add_from(st, st.attr_latents[j] if j < len(st.attr_latents) else None)
+
+        p.attr_steers[j].click(on_attr_steer, [p.state], outputs, api_name=f"steer_attributed_{j}")
+    return outputs
+
+
+def _wire_pages(gr: Any, app: WebApp, p: Page) -> None:
+    """Opening a latent's page: from its number, the search hits, a table row or an attribution row."""
+    outputs = [p.page_latent, p.page, p.tabs, p.status]
+
+    def show(latent: Any):
+        try:
+            page = app.latent_page(latent)
+        except ValueError as e:
+            return gr.skip(), gr.skip(), gr.skip(), _fail(gr, e)
+        return int(str(latent).strip()), page, gr.Tabs(selected="latent"), ""
+
+    p.page_open.click(show, [p.page_latent], outputs, api_name="latent_page")
+    p.open.click(show, [p.hits], outputs, api_visibility="private")
+
+    def on_table_select(st: SessionState, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+        if not 0 <= row < len(st.table_latents):
+            return gr.skip(), gr.skip(), gr.skip(), ""
+        return show(st.table_latents[row])
+
+    # Gradio finds the SelectData parameter by its annotation, which this module's postponed annotations
+    # leave as a string it cannot resolve.
+    on_table_select.__annotations__["evt"] = gr.SelectData
+    p.table.select(on_table_select, [p.state], outputs, api_visibility="private")
+    for j in range(N_ATTR):
+        def on_attr_open(st: SessionState, j: int = j):
+            return show(st.attr_latents[j]) if j < len(st.attr_latents) else (gr.skip(),) * 3 + ("",)
+
+        p.attr_opens[j].click(on_attr_open, [p.state], outputs, api_visibility="private")
+
+
+def _wire_model(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
+    """Generation, the token view, chat and attribution: the events that run the model (queued)."""
+    queue = {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
+    sampling_inputs = [p.max_new, p.temperature, p.top_p, p.seed]
+
+    def do_generate(st: SessionState, text: str, mx: Any, temp: Any, tp: Any, sd: Any):
+        try:
+            sampling = sampling_of(mx, temp, tp, sd)
+        except ValueError as e:
+            yield (st,) + (gr.skip(),) * 6 + (_fail(gr, e),)
             return
-        reply = ""
-        edits = state.edits()
-        for step in in_worker(lambda: self.engine.stream([tokens], sampling, edits, top_latents=0)):
-            reply += step.deltas[0]
-            yield {"chat": [*dialog, {"role": "assistant", "content": reply}], "status": "replying…"}
-        state.chat = [*dialog, {"role": "assistant", "content": reply}]
-        yield {"chat": copy.deepcopy(state.chat), "status": "Done."}
+        shown: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ attribution
-    def attribute(self, state: SessionState, position: str | int | None, k: int) -> tuple[str, list[tuple[int, str]]]:
-        """Markdown summary and (latent, row text) of the top k latents for the chosen token."""
+        def pack(part: dict[str, Any]) -> tuple:
+            tokens, highlight = part.get("tokens"), part.get("highlight_choices")
+            return (st, part.get("unsteered", gr.skip()), part.get("steered", gr.skip()),
+                    part["latents"] if "latents" in part else gr.skip(),
+                    gr.update(choices=tokens, value=tokens[0][1] if tokens else None) if tokens is not None
+                    else gr.skip(),
+                    part.get("view", gr.skip()),
+                    gr.update(choices=highlight, value=str(st.highlight) if st.highlight is not None else None)
+                    if highlight is not None else gr.skip(),
+                    part.get("status", gr.skip()))
 
-        if self.engine.sae is None:
-            raise ValueError("attribution needs an SAE: start the app with --sae SAE_DIR")
-        if not state.last_tokens or position in (None, ""):
-            raise ValueError("generate first, then pick a token of the output to explain")
-        result = attribute(self.engine, state.last_tokens, int(position), state.last_edits)
-        rows = []
-        for latent, score, act in result.top(k):
-            rows.append((latent, f"**{latent}** · {md_escape(self.catalog.label(latent))} · score {score:+.3f}"
-                                 f" · max act {act:.2f}"))
-        state.attr_latents = [r[0] for r in rows]
-        negatives = ", ".join(f"{latent} ({score:+.2f})" for latent, score, _ in result.top(3, negative=True))
-        summary = (f"Token {md_escape(repr(result.token_text))} at position {result.position}: logit - mean logit = "
-                   f"{result.metric:.3f}. Scores: gradient of that with respect to each latent's activation, summed "
-                   f"over positions (steering a latent by +1 changes it by about its score). "
-                   f"Most negative: {negatives}.")
-        return summary, rows
+        for part in app.generate(st, text, sampling):
+            shown.update(part)
+            yield pack(part)
+        yield pack(shown)  # everything once more: API clients read only the last message of a stream
+
+    gen_outputs = [p.state, p.unsteered, p.steered, p.table, p.attr_token, p.view, p.highlight, p.status]
+    p.generate.click(do_generate, [p.state, p.prompts, *sampling_inputs], gen_outputs, api_name="generate", **queue)
+
+    def do_highlight(st: SessionState, latent: Any):
+        try:
+            return st, app.token_view(st, None if latent in (None, "") else int(str(latent).split()[0])), ""
+        except ValueError as e:
+            return st, gr.skip(), _fail(gr, e)
+
+    p.highlight.input(do_highlight, [p.state, p.highlight], [p.state, p.view, p.status], api_name="highlight",
+                      **queue)
+
+    def do_chat(st: SessionState, message: str, mx: Any, temp: Any, tp: Any, sd: Any):
+        try:
+            sampling = sampling_of(mx, temp, tp, sd)
+        except ValueError as e:
+            yield st, gr.skip(), gr.skip(), gr.skip(), _fail(gr, e)
+            return
+
+        def pack(part: dict[str, Any]) -> tuple:
+            box = "" if "chat" in part else gr.skip()  # the message box empties once the reply starts
+            return st, part.get("chat", gr.skip()), box, part.get("unsteered", gr.skip()), part.get("status", gr.skip())
+
+        shown: dict[str, Any] = {}
+        for part in app.chat(st, message, sampling):
+            shown.update(part)
+            yield pack(part)
+        yield pack(shown)
+
+    chat_inputs = [p.state, p.chat_msg, *sampling_inputs]
+    chat_outputs = [p.state, p.chatbot, p.chat_msg, p.chat_unsteered, p.status]
+    p.chat_send.click(do_chat, chat_inputs, chat_outputs, api_name="chat", **queue)
+    p.chat_msg.submit(do_chat, chat_inputs, chat_outputs, api_visibility="private", **queue)
+
+    def do_chat_clear(st: SessionState):
+        st.chat = []
+        return st, [], "", "Conversation cleared."
+
+    p.chat_clear.click(do_chat_clear, [p.state], [p.state, p.chatbot, p.chat_unsteered, p.status],
+                       api_name="clear_chat")
+
+    def do_attribute(st: SessionState, position: str | None, by: str):
+        try:
+            summary, rows = app.attribute(st, position, N_ATTR, by or "contribution")
+        except ValueError as e:
+            return [st, _fail(gr, e), gr.skip()] + [gr.skip()] * (2 * N_ATTR)
+        updates: list[Any] = []
+        for j in range(N_ATTR):
+            updates += [gr.update(visible=True), rows[j][1]] if j < len(rows) else [gr.update(visible=False), ""]
+        return [st, "Attribution done.", summary] + updates
+
+    attr_outputs = [p.state, p.status, p.attr_summary] + [x for pair in zip(p.attr_rows, p.attr_texts) for x in pair]
+    p.attr_btn.click(do_attribute, [p.state, p.attr_token, p.attr_by], attr_outputs, api_name="attribute", **queue)
 
 
-# --------------------------------------------------------------------------- the page
 def build_app(engine: Engine, cfg: UiConfig):
     """The Gradio Blocks of the app (not launched)."""
-    import gradio as gr
+    import gradio as gr  # noqa: PLC0415 (an optional dependency: the rest of the package runs without it)
 
     app = WebApp(engine, cfg)
-    n_slots, n_attr = cfg.steer_slots, 8
-    has_sae = engine.sae is not None
-
-    def info_md() -> str:
-        lines = [f"**Model** `{engine.ckpt_dir}`"]
-        if has_sae:
-            lines.append(f"**SAE** `{engine.sae_dir}` at site `{engine.site}`, {engine.n_latents:,} latents · "
-                         f"{engine.catalog.provenance()}")
-        else:
-            lines.append("No SAE loaded (start with `--sae SAE_DIR` to steer and attribute).")
-        return "  \n".join(lines)
-
-    def slot_updates(state: SessionState) -> list[Any]:
-        out: list[Any] = []
-        items = list(state.steer.items())
-        for i in range(n_slots):
-            if i < len(items):
-                latent, value = items[i]
-                lo, hi = app.slider_range(latent)
-                label = engine.catalog.label(latent)
-                out += [gr.update(visible=True),
-                        gr.update(minimum=lo, maximum=hi, value=value, step=round((hi - lo) / 200, 6),
-                                  label=f"latent {latent} · {label}" if label != UNLABELLED else f"latent {latent}")]
-            else:
-                out += [gr.update(visible=False), gr.update(value=0)]
-        return out
-
-    def fail(e: Exception) -> str:
-        gr.Warning(str(e))
-        return f"⚠ {e}"
-
     with gr.Blocks(title="llama3-sae", analytics_enabled=False) as blocks:
-        state = gr.State(SessionState())
-        gr.Markdown("## llama3-sae · steer a model with its SAE latents")
-        gr.Markdown(info_md())
-        status = gr.Markdown("", elem_id="status")
-        with gr.Row():
-            max_new = gr.Slider(1, cfg.max_new_tokens_limit, value=cfg.max_new_tokens, step=1, label="max new tokens",
-                                elem_id="max-new-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=cfg.temperature, step=0.05, label="temperature (0 = greedy)",
-                                    elem_id="temperature")
-            top_p = gr.Slider(0.05, 1.0, value=cfg.top_p, step=0.05, label="top-p", elem_id="top-p")
-            seed = gr.Number(value=cfg.seed, precision=0, label="seed (empty = random)", elem_id="seed")
-        with gr.Row():
-            with gr.Column(scale=3):
-                with gr.Tab("Text"):
-                    prompts = gr.Textbox(lines=3, label=f"prompts (one per line, at most {cfg.max_batch})",
-                                         placeholder="The delegates gathered at the", elem_id="prompts")
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                    with gr.Row():
-                        unsteered = gr.Textbox(lines=8, label="unsteered", interactive=False, elem_id="unsteered")
-                        steered = gr.Textbox(lines=8, label="steered", interactive=False, elem_id="steered")
-                    latents_table = gr.Dataframe(headers=["prompt", "latent", "max act", "label"],
-                                                 label="latents most active over the last output (click a row to "
-                                                       "steer it)", interactive=False, elem_id="latents-table",
-                                                 visible=has_sae)
-                with gr.Tab("Chat"):
-                    chatbot = gr.Chatbot(label="chat (uses the steering on the right)", height=360, elem_id="chatbot")
-                    with gr.Row():
-                        chat_msg = gr.Textbox(label="message", scale=4, elem_id="chat-message")
-                        chat_send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                        chat_clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
-                with gr.Accordion("Attribution: which latents made the model pick a token", open=False,
-                                  visible=has_sae):
-                    with gr.Row():
-                        token_choice = gr.Dropdown(choices=[], label="token of the first prompt's last output",
-                                                   elem_id="attr-token", scale=3)
-                        attr_btn = gr.Button("Attribute", elem_id="attribute", scale=1)
-                    attr_summary = gr.Markdown("", elem_id="attr-summary")
-                    attr_rows, attr_texts, attr_buttons = [], [], []
-                    for j in range(n_attr):
-                        with gr.Row(visible=False) as row:
-                            text = gr.Markdown("", elem_id=f"attr-text-{j}")
-                            button = gr.Button("steer", size="sm", scale=0, elem_id=f"attr-steer-{j}")
-                        attr_rows.append(row)
-                        attr_texts.append(text)
-                        attr_buttons.append(button)
-            with gr.Column(scale=2, visible=has_sae):
-                gr.Markdown("### Steering")
-                with gr.Row():
-                    search_box = gr.Textbox(label="search latents by label (or type an index)", scale=3,
-                                            elem_id="search")
-                    search_btn = gr.Button("Search", scale=1, elem_id="search-btn")
-                # Custom values: a latent index can be typed here directly (checked when added).
-                hits = gr.Dropdown(choices=[], label="matches (or type a latent index)", elem_id="search-hits",
-                                   interactive=True, allow_custom_value=True)
-                add_btn = gr.Button("Add as slider", elem_id="add-latent")
-                steering_md = gr.Markdown(app.steering_summary(SessionState()), elem_id="steering-summary")
-                slot_rows, slot_sliders, slot_removes = [], [], []
-                for i in range(n_slots):
-                    with gr.Row(visible=False) as row:
-                        slider = gr.Slider(-cfg.default_range, cfg.default_range, value=0, step=0.1, label="",
-                                           elem_id=f"steer-slider-{i}", scale=4)
-                        remove = gr.Button("remove", size="sm", scale=0, elem_id=f"steer-remove-{i}")
-                    slot_rows.append(row)
-                    slot_sliders.append(slider)
-                    slot_removes.append(remove)
-                clear_btn = gr.Button("Clear steering", size="sm", elem_id="clear-steering")
-
-        slot_outputs: list[Any] = [c for pair in zip(slot_rows, slot_sliders) for c in pair]
-        steering_outputs = [state, steering_md, status, *slot_outputs]
-
-        def steering_result(st: SessionState, message: str) -> list[Any]:
-            return [st, app.steering_summary(st), message, *slot_updates(st)]
-
-        # ---------------------------------------------------------------- steering events (no model)
-        def do_search(st: SessionState, query: str):
-            choices = app.search(query)
-            note = "" if choices else ("No latent label matches." if (query or "").strip() else "")
-            return st, gr.update(choices=choices, value=choices[0][1] if choices else None), note
-
-        search_btn.click(do_search, [state, search_box], [state, hits, status], api_name="search")
-        search_box.submit(do_search, [state, search_box], [state, hits, status], api_visibility="private")
-
-        def do_add(st: SessionState, choice: str | None):
-            try:
-                text = str(choice if choice is not None else "").strip()
-                if not text.isdigit():
-                    raise ValueError("search for a latent and pick one of the matches (or type a latent index) first")
-                message = app.add_latent(st, int(text))
-            except ValueError as e:
-                message = fail(e)
-            return steering_result(st, message)
-
-        add_btn.click(do_add, [state, hits], steering_outputs, api_name="add_latent")
-
-        for i in range(n_slots):
-            def on_input(st: SessionState, value: float, i: int = i):
-                app.set_slot(st, i, value)
-                return st, app.steering_summary(st)
-
-            def on_remove(st: SessionState, i: int = i):
-                app.remove_slot(st, i)
-                return steering_result(st, "")
-
-            # `input` fires on the user's moves only, not when a slot is refilled by the server.
-            slot_sliders[i].input(on_input, [state, slot_sliders[i]], [state, steering_md], api_name=f"set_slider_{i}")
-            slot_removes[i].click(on_remove, [state], steering_outputs, api_name=f"remove_slider_{i}")
-
-        def do_clear(st: SessionState):
-            st.steer.clear()
-            return steering_result(st, "Steering cleared.")
-
-        clear_btn.click(do_clear, [state], steering_outputs, api_name="clear_steering")
-
-        def on_table_select(st: SessionState, evt: gr.SelectData):
-            try:
-                row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
-                message = app.add_latent(st, st.table_latents[row])
-            except (ValueError, IndexError) as e:
-                message = fail(ValueError(str(e)))
-            return steering_result(st, message)
-
-        # Gradio finds the SelectData parameter by its annotation, which this module's postponed
-        # annotations leave as a string it cannot resolve (gradio is imported inside this function).
-        on_table_select.__annotations__["evt"] = gr.SelectData
-        latents_table.select(on_table_select, [state], steering_outputs, api_visibility="private")
-
-        for j in range(n_attr):
-            def on_attr_steer(st: SessionState, j: int = j):
-                try:
-                    message = app.add_latent(st, st.attr_latents[j])
-                except (ValueError, IndexError) as e:
-                    message = fail(ValueError(str(e)))
-                return steering_result(st, message)
-
-            attr_buttons[j].click(on_attr_steer, [state], steering_outputs, api_name=f"steer_attributed_{j}")
-
-        # ---------------------------------------------------------------- model events (queued)
-        model_queue = {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
-
-        def do_generate(st: SessionState, text: str, mx: Any, temp: Any, tp: Any, sd: Any):
-            try:
-                sampling = sampling_of(mx, temp, tp, sd)
-            except ValueError as e:
-                yield st, gr.skip(), gr.skip(), gr.skip(), gr.skip(), fail(e)
-                return
-            shown: dict[str, Any] = {}
-
-            def pack(part: dict[str, Any]) -> tuple:
-                return (st,
-                        part.get("unsteered", gr.skip()),
-                        part.get("steered", gr.skip()),
-                        part["latents"] if "latents" in part else gr.skip(),
-                        gr.update(choices=part["tokens"], value=part["tokens"][0][1] if part["tokens"] else None)
-                        if "tokens" in part else gr.skip(),
-                        part.get("status", gr.skip()))
-
-            for part in app.generate(st, text, sampling):
-                shown.update(part)
-                yield pack(part)
-            # Once more with everything: API clients read only the last message of a stream.
-            yield pack(shown)
-
-        gen_outputs = [state, unsteered, steered, latents_table, token_choice, status]
-        gen_inputs = [state, prompts, max_new, temperature, top_p, seed]
-        generate_btn.click(do_generate, gen_inputs, gen_outputs, api_name="generate", **model_queue)
-
-        def do_chat(st: SessionState, message: str, mx: Any, temp: Any, tp: Any, sd: Any):
-            try:
-                sampling = sampling_of(mx, temp, tp, sd)
-            except ValueError as e:
-                yield st, gr.skip(), gr.skip(), fail(e)
-                return
-            def pack(part: dict[str, Any]) -> tuple:
-                # The message box empties once the reply starts.
-                box = "" if "chat" in part else gr.skip()
-                return st, part.get("chat", gr.skip()), box, part.get("status", gr.skip())
-
-            shown: dict[str, Any] = {}
-            for part in app.chat(st, message, sampling):
-                shown.update(part)
-                yield pack(part)
-            yield pack(shown)  # everything once more, for API clients (they read the last message)
-
-        chat_inputs = [state, chat_msg, max_new, temperature, top_p, seed]
-        chat_send.click(do_chat, chat_inputs, [state, chatbot, chat_msg, status], api_name="chat", **model_queue)
-        chat_msg.submit(do_chat, chat_inputs, [state, chatbot, chat_msg, status], api_visibility="private",
-                        **model_queue)
-
-        def do_chat_clear(st: SessionState):
-            st.chat = []
-            return st, [], "Conversation cleared."
-
-        chat_clear.click(do_chat_clear, [state], [state, chatbot, status], api_name="clear_chat")
-
-        def do_attribute(st: SessionState, position: str | None):
-            try:
-                summary, rows = app.attribute(st, position, n_attr)
-            except ValueError as e:
-                return [st, fail(e), gr.skip()] + [gr.skip()] * (2 * n_attr)
-            updates: list[Any] = []
-            for j in range(n_attr):
-                if j < len(rows):
-                    updates += [gr.update(visible=True), rows[j][1]]
-                else:
-                    updates += [gr.update(visible=False), ""]
-            return [st, "Attribution done.", summary] + updates
-
-        attr_outputs = [state, status, attr_summary] + [c for pair in zip(attr_rows, attr_texts) for c in pair]
-        attr_btn.click(do_attribute, [state, token_choice], attr_outputs, api_name="attribute", **model_queue)
-
+        page = _layout(gr, app, cfg)
+        _wire_steering(gr, app, page, cfg.steer_slots)
+        _wire_pages(gr, app, page)
+        _wire_model(gr, app, page, cfg)
     blocks.queue(default_concurrency_limit=8, max_size=cfg.queue_size)
+    blocks.css_for_launch = CSS + _hide_slider_boxes(cfg.steer_slots)
     return blocks
 
 
@@ -609,17 +411,19 @@ def launch(blocks, cfg: UiConfig, *, prevent_thread_lock: bool = False, quiet: b
     if cfg.share:
         print("warning: --share publishes the app through a public gradio.live link.", file=sys.stderr)
     return blocks.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, ssr_mode=False,
-                         prevent_thread_lock=prevent_thread_lock, quiet=quiet, footer_links=[])
+                         prevent_thread_lock=prevent_thread_lock, quiet=quiet, footer_links=[],
+                         css=getattr(blocks, "css_for_launch", None))
 
 
 def main_ui(argv: list[str] | None = None, prog: str = "llama3-sae ui") -> int:
     cfg = parse_config(UiConfig, argv, prog, __doc__, usage_errors=True,
                        epilog="example:\n  llama3-sae ui --ckpt-dir DIR --sae SAE_DIR   # then open http://127.0.0.1:7860")
     try:
-        import gradio  # noqa: F401
+        import gradio  # noqa: F401, PLC0415
     except ImportError:  # an optional dependency: say how to get it rather than show a traceback
         raise SystemExit("llama3-sae ui needs Gradio 6: pip install 'llama3-sae[web]' "
                          "(or pip install 'gradio>=6')") from None
-    engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=cfg.max_batch)
+    # Twice the prompts: each runs unsteered and steered in one batch.
+    engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=2 * cfg.max_batch)
     launch(build_app(engine, cfg), cfg)
     return 0

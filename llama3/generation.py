@@ -142,8 +142,11 @@ class Llama:
     @torch.inference_mode()
     def stream(self, prompt_tokens: Sequence[Sequence[int]], *, temperature: float = 0.6, top_p: float = 0.9,
                max_gen_len: int | None = None, seed: int | None = None,
-               stop_tokens: Sequence[int] | None = None) -> Iterator[StreamStep]:
-        """Generate from token prompts, yielding one ``StreamStep`` per position advanced."""
+               stop_tokens: Sequence[int] | None = None,
+               seeds: Sequence[int | None] | None = None) -> Iterator[StreamStep]:
+        """Generate from token prompts, yielding one ``StreamStep`` per position advanced. Row i samples
+        with ``seed + i``, or with ``seeds[i]`` when given (e.g. the same seed for a prompt's unsteered and
+        steered rows)."""
         model, tok = self.model, self.tokenizer
         B = len(prompt_tokens)
         if B == 0:
@@ -158,7 +161,10 @@ class Llama:
         for i, p in enumerate(prompt_tokens):
             tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
         lengths_t = torch.tensor(lengths, device=device)
-        generators = [torch.Generator().manual_seed(seed + i) if seed is not None else None for i in range(B)]
+        if seeds is not None and len(seeds) != B:
+            raise ValueError(f"seeds gives {len(seeds)} seeds for {B} prompts")
+        row_seeds = list(seeds) if seeds is not None else [None if seed is None else seed + i for i in range(B)]
+        generators = [torch.Generator().manual_seed(s) if s is not None else None for s in row_seeds]
         streams = [_Utf8Stream(tok) for _ in range(B)]
         generated: list[list[int]] = [[] for _ in range(B)]
         reasons: list[str | None] = [None] * B

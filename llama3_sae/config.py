@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import textwrap
 import types
 import typing
@@ -37,8 +38,13 @@ def field_docs(cls: type) -> dict[str, str]:
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+                docs[node.target.id] = plain_text(" ".join(nxt.value.value.split()))
     return docs
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup made readable in a terminal: ``code`` -> code (help texts come from docstrings)."""
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -158,14 +164,19 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str,
     field takes any number). usage_errors: an invalid value exits with argparse's usage message (the
     interactive commands), instead of raising the ValueError for the caller to print as one line."""
     positional = positional or {}
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(description), epilog=plain_text(epilog),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help="JSON file of option values (names as in --help with underscores, e.g. a saved "
                              "run config); options on the command line override it")
     add_dataclass_args(parser, cls, skip=tuple(positional))
+    hints = typing.get_type_hints(cls)
     for name, help_text in positional.items():
-        parser.add_argument(name, nargs="*", help=help_text)
+        tp, _ = _unwrap_optional(hints[name])
+        if typing.get_origin(tp) in (list, tuple):
+            parser.add_argument(name, nargs="*", help=help_text)
+        else:  # one value (e.g. a latent index), required unless --config gives it
+            parser.add_argument(name, nargs="?", type=_scalar(tp), default=None, help=help_text)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     config_path = pre.parse_known_args(argv)[0].config
@@ -187,8 +198,10 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str,
     ns = parser.parse_args(argv)
     for name in positional:  # positional values add to what --config gives
         given = getattr(ns, name)
-        if not given and base and name in base:
+        if given in (None, []) and base and name in base:
             setattr(ns, name, base.pop(name))
+        elif given is None:
+            parser.error(f"the {name} is required (e.g. {prog} ... 12)")
     try:
         return from_namespace(cls, ns, base)
     except ValueError as e:

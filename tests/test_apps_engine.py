@@ -4,6 +4,7 @@ checked against independent computations on a tiny model."""
 from __future__ import annotations
 
 import json
+from html import escape
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ def test_catalog_reads_labels_and_ranges(env):
     live = [k for k, v in stats.items() if v > 0]
     assert live, "the test SAE should have live latents"
     lo, hi = catalog.slider_range(live[0])
-    assert hi == pytest.approx(2 * stats[live[0]], rel=5e-3) and lo == -hi
+    assert hi == pytest.approx(4 * stats[live[0]], rel=5e-3) and lo == -hi
     assert catalog.all_heuristic and "local heuristic" in catalog.provenance()
     # Search: every word must start a word of the label; a number finds that latent first.
     rec = catalog.info(live[0])
@@ -211,10 +212,39 @@ def test_attribution_is_the_summed_gradient(engine):
 
     assert result.metric == pytest.approx(metric([]), abs=1e-4)
     eps = 1e-2
-    for latent, score, _ in result.top(3) + result.top(2, negative=True):
+    for latent, _, score, _ in result.top(3, by="gradient") + result.top(2, by="gradient", negative=True):
         fd = (metric([Edit(latent, "add", eps)]) - metric([Edit(latent, "add", -eps)])) / (2 * eps)
         assert score == pytest.approx(fd, rel=2e-2, abs=2e-3)
-    assert result.top(1)[0][1] > 0 > result.top(1, negative=True)[0][1]
+    assert result.top(1, by="gradient")[0][2] > 0 > result.top(1, by="gradient", negative=True)[0][2]
+
+    # Activation x gradient: the change of the metric when the latent's own activation is scaled by (1 + eps)
+    # at every position (its decoder row times eps x its activation added), by finite differences.
+    sae, steer = engine.sae, steer_fn(engine.sae, edits)
+
+    def scaled(latent, e):
+        def fn(x):
+            y = steer(x)
+            h = sae.encode(y)[..., latent:latent + 1].float()
+            return y + (e * h * sae.W_dec[latent].float() / sae.norm_stats(y).out_scale).to(y.dtype)
+        for b in model.layers:
+            b.attention.cache = None
+        model.set_hooks(None, {SITE: fn})
+        try:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[:-1]]), 0, last_only=True)[0, -1].double()
+        finally:
+            model.set_hooks(None, None)
+            for b, c in zip(model.layers, caches):
+                b.attention.cache = c
+        return float(logits[ids[-1]] - logits.mean())
+
+    top = result.top(3) + result.top(2, negative=True)
+    assert top[0][1] > 0 > top[-1][1]
+    for latent, contribution, _, act in top:
+        fd = (scaled(latent, eps) - scaled(latent, -eps)) / (2 * eps)
+        assert contribution == pytest.approx(fd, rel=2e-2, abs=2e-3) and act > 0
+    never = int((result.max_acts == 0).nonzero()[0])
+    assert float(result.contributions[never]) == 0.0  # a latent that did not fire contributed nothing
     # The caches are back and the model still generates as before.
     assert all(b.attention.cache is c for b, c in zip(model.layers, caches))
     with pytest.raises(ValueError, match="must be in 1.."):
@@ -256,3 +286,47 @@ def test_a_transcoder_reads_the_mlp_input_and_steers_the_mlp_output(env, tmp_pat
     finally:
         model.set_hooks(None, None)
     assert steered[0].text == ref[0].text
+
+
+# --------------------------------------------------------------------------- latent pages
+def test_latent_page_holds_the_examples_on_disk_and_the_output_tokens(engine, env):
+    from apps.latent_page import build_page, page_html
+    from interpret import iter_examples
+
+    latent = max(engine.catalog.max_acts, key=engine.catalog.max_acts.get)
+    page = build_page(latent, engine.catalog, sae=engine.sae, model=engine.llm.model, tokenizer=engine.llm.tokenizer)
+    (record,) = iter_examples(env.sae, [latent])
+    assert [d.doc for d in page.top_examples(100)] == [d for d, _ in record.top["max"]]
+    assert page.token_density == record.stats["active_tokens"] / record.stats["tokens"]
+    # The output tokens: the decoder row put through the model's own final norm and unembedding.
+    model = engine.llm.model
+    with torch.no_grad():
+        ref = model.output(model.norm(engine.sae.W_dec[latent].float()[None]))[0]
+    rms = float(engine.sae.W_dec[latent].float().pow(2).mean().add(model.params.norm_eps).rsqrt())
+    tok = engine.llm.tokenizer
+    assert [t for t, _ in page.outputs.positive] == [tok.decode([int(i)]) for i in ref.topk(10).indices]
+    assert [t for t, _ in page.outputs.negative] == [tok.decode([int(i)]) for i in (-ref).topk(10).indices]
+    assert page.outputs.positive[0][1] * rms == pytest.approx(float(ref.max()), rel=1e-4)
+    html = page_html(page)
+    assert f'data-latent="{latent}"' in html and html.count('class="example"') >= len(record.top["max"][:10])
+    first = record.docs[record.top["max"][0][0]]
+    peak_token = first.tokens[max(first.acts, key=lambda pv: pv[1])[0]]
+    assert f'title="{first.max_act:.3f}">{escape(peak_token)}</span>' in html  # the peak token, shaded by its value
+
+
+def test_latent_command_prints_the_page(env, capsys):
+    from apps.cli import main
+    from interpret import iter_examples
+
+    latent = max(LatentCatalog.from_dir(env.sae, N_LATENTS).max_acts.items(), key=lambda kv: kv[1])[0]
+    assert main(["latent", "--sae", str(env.sae), "--ckpt-dir", str(env.ckpt), "--device", "cpu", "--json",
+                 str(latent)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (record,) = iter_examples(env.sae, [latent])
+    assert [e["doc"] for e in data["top_examples"]] == [d for d, _ in record.top["max"]][:10]
+    assert data["label"] == LatentCatalog.from_dir(env.sae, N_LATENTS).label(latent) and data["output_tokens"]
+    assert main(["latent", "--sae", str(env.sae), "--no-output-tokens", "--device", "cpu", str(latent)]) == 0
+    out = capsys.readouterr().out
+    assert f"Latent {latent}" in out and "Top examples" in out and "fires on" in out and "promotes" not in out
+    assert main(["latent", "--sae", str(env.sae), "--no-output-tokens", "--device", "cpu", "999"]) == 2
+    assert "out of range" in capsys.readouterr().err

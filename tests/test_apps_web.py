@@ -14,7 +14,7 @@ pytest.importorskip("llama_models")
 from apps_support import build_env  # noqa: E402
 
 from apps.engine import Engine, Sampling  # noqa: E402
-from apps.web import SessionState, UiConfig, WebApp, parse_prompts  # noqa: E402
+from apps.web_app import SessionState, UiConfig, WebApp, parse_prompts  # noqa: E402
 from sae import Edit  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def cfg(env):
 
 @pytest.fixture(scope="module")
 def engine(env, cfg):
-    return Engine.load(cfg, cfg.sae, max_batch_size=cfg.max_batch)
+    return Engine.load(cfg, cfg.sae, max_batch_size=2 * cfg.max_batch)  # as main_ui: unsteered + steered rows
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_bad_input_gets_a_message_not_a_crash(app):
     assert parse_prompts(" x \n\n y ") == ["x", "y"]
 
 
-def test_generate_compares_steered_and_unsteered_and_reuses_the_unsteered(app, engine):
+def test_generate_runs_unsteered_and_steered_rows_in_one_batch(app, engine):
     st = SessionState()
     prompts = ["The delegates gathered at the", "Hello"]
     out = _drain(app.generate(st, "\n".join(prompts), GREEDY))
@@ -83,29 +83,83 @@ def test_generate_compares_steered_and_unsteered_and_reuses_the_unsteered(app, e
     calls = []
     real_stream = engine.stream
 
-    def counting(*a, **kw):
-        calls.append(a[2] if len(a) > 2 else kw.get("edits", ()))
-        return real_stream(*a, **kw)
+    def counting(rows, sampling, edits=(), **kw):
+        calls.append((len(rows), list(edits)))
+        return real_stream(rows, sampling, edits, **kw)
 
     engine.stream = counting
     try:
         out = _drain(app.generate(st, "\n".join(prompts), GREEDY))
     finally:
         del engine.stream
-    assert len(calls) == 1 and list(calls[0]) == [Edit(3, "add", 40.0)]  # the unsteered side was reused
+    # One generation of four rows: the prompts unsteered, then the same prompts with the edit on rows 2 and 3.
+    assert calls == [(4, [Edit(3, "add", 40.0, rows=(2, 3))])]
     steered = engine.complete(prompts, GREEDY, [Edit(3, "add", 40.0)])
     assert out["steered"] == "\n\n".join(f"[{i + 1}] {p}{c.text}" for i, (p, c) in enumerate(zip(prompts, steered)))
+    assert out["unsteered"] == "\n\n".join(f"[{i + 1}] {p}{c.text}" for i, (p, c) in enumerate(zip(prompts, base)))
     assert out["steered"] != out["unsteered"]
     # The latents table lists the steered latent, marked; attribution choices are the generated tokens.
     assert any(row[1] == 3 and "◆ steered" in row[3] for row in out["latents"])
     assert len(out["tokens"]) == len(steered[0].tokens)
     summary, rows = app.attribute(st, out["tokens"][0][1], 4)
-    assert "logit - mean logit" in summary and len(rows) == 4 and st.attr_latents == [r[0] for r in rows]
-    # Slots: set, remove.
-    app.set_slot(st, 0, -5.0)
-    assert st.steer == {3: -5.0}
+    assert "logit - mean logit" in summary and "activation x gradient" in summary
+    assert len(rows) == 4 and st.attr_latents == [r[0] for r in rows]
+    _, by_grad = app.attribute(st, out["tokens"][0][1], 4, by="gradient")
+    assert "gradient only" not in summary and [r[0] for r in by_grad] != [] and st.attr_latents == [r[0] for r in by_grad]
+    # The token view: every token of both rows of both prompts, shaded by the highlighted latent (3).
+    assert st.highlight == 3 and out["view"].count('class="tokens"') == 4
     app.remove_slot(st, 0)
     assert st.steer == {} and st.edits() == []
+
+
+def test_seeded_sampling_gives_the_steered_row_the_unsteered_rows_seed(app, engine):
+    """Sampled, not greedy: the unsteered text of a batched run equals a run of the prompt alone with the same
+    seed, and so does the steered text with the edit (row n + i samples with the seed of row i)."""
+    sampled = Sampling(temperature=1.0, top_p=1.0, seed=7, max_new_tokens=8)
+    st = SessionState()
+    app.add_latent(st, 3, 40.0)
+    out = _drain(app.generate(st, "Hello", sampled))
+    assert out["unsteered"] == "Hello" + engine.complete(["Hello"], sampled)[0].text
+    assert out["steered"] == "Hello" + engine.complete(["Hello"], sampled, [Edit(3, "add", 40.0)])[0].text
+
+
+def test_a_value_beyond_the_slider_widens_it_and_a_bad_one_changes_nothing(app):
+    st = SessionState()
+    app.add_latent(st, 3)
+    bound = app.slider_bound(st, 3)
+    assert bound == pytest.approx(app.catalog.slider_range(3, app.cfg.default_range, 4.0)[1])
+    app.set_value(st, 3, 6 * bound)
+    assert st.steer[3] == 6 * bound and app.slider_bound(st, 3) == 6 * bound  # shown == applied
+    assert f"latent 3 {6 * bound:+g}" in app.steering_summary(st)
+    for bad in ("abc", float("nan"), 1e9):
+        with pytest.raises(ValueError, match="latent 3"):
+            app.set_value(st, 3, bad)
+        assert st.steer[3] == 6 * bound
+
+
+def test_token_view_values_are_the_latents_activations(app, engine, env):
+    """The shading of each token is the SAE's activation of the highlighted latent there, computed here
+    position by position from the model's stored activations; steered rows have the edit on top."""
+    import re
+
+    import torch
+
+    st = SessionState()
+    app.add_latent(st, 5, 3.0)
+    _drain(app.generate(st, "The delegates gathered at the", GREEDY))
+    view = app.token_view(st, 5)
+    values = [float(v) for v in re.findall(r'title="(-?[0-9.]+)"', view)]
+    model, sae = engine.llm.model, engine.sae
+    expected = []
+    for seq, add in ((st.run.unsteered[0], 0.0), (st.run.steered[0], 3.0)):
+        with torch.no_grad(), model.hooks([engine.site], None):
+            acts = model.forward_activations(torch.tensor([seq]))[str(engine.site)][0]
+        expected += [float(sae.encode(acts[t:t + 1].float())[0, 5]) + add for t in range(len(seq))]
+    assert values == pytest.approx(expected, abs=2e-3)
+    # Outlines: exactly the steered tokens that are not in the alignment with the unsteered output.
+    from apps.web_app import changed_tokens
+
+    assert changed_tokens([1, 2, 3, 4], [1, 9, 3, 4, 5]) == [False, True, False, False, True]
 
 
 def test_an_abandoned_stream_frees_the_model(app, engine):
@@ -123,8 +177,8 @@ def test_sessions_do_not_share_steering(app):
     a, b = SessionState(), SessionState()
     app.add_latent(a, 1)
     assert b.steer == {} and list(a.steer) == [1]
-    lo, hi = app.slider_range(1)
-    assert lo < 0 < hi and a.steer[1] == pytest.approx(app.catalog.max_acts[1], abs=1e-3)
+    assert app.slider_bound(a, 1) > 0 and b.ranges == {}
+    assert a.steer[1] == pytest.approx(app.catalog.max_acts[1], abs=1e-3)
 
 
 def test_chat_keeps_history_per_session(app, engine):
@@ -192,15 +246,24 @@ def test_server_listens_on_loopback_only(server):
     assert addresses == {"0100007F"}, addresses  # 127.0.0.1 only, not 0.0.0.0 (00000000)
 
 
+def _as_the_app_runs_it(engine, tokens, edits):
+    """(unsteered, steered) text of one prompt, as the app generates it: both rows in one batch."""
+    from dataclasses import replace
+
+    last = list(engine.stream([tokens, tokens], GREEDY, [replace(e, rows=(1,)) for e in edits], top_latents=0))[-1]
+    return last.completions[0].text, last.completions[1].text
+
+
 def test_two_concurrent_sessions_get_what_each_gets_alone(server, engine):
     from gradio_client import Client
 
     prompt = "The delegates gathered at the"
     rng = {latent: engine.catalog.slider_range(latent) for latent in (3, 7, 11)}
     settings = {"a": [(3, rng[3][1])], "b": [(7, rng[7][0]), (11, round(rng[11][1] / 2, 3))]}
-    alone = {name: engine.complete([prompt], GREEDY, [Edit(lat, "add", v) for lat, v in edits])[0].text
+    tokens = engine.encode_prompts([prompt])[0]
+    alone = {name: _as_the_app_runs_it(engine, tokens, [Edit(lat, "add", v) for lat, v in edits])
              for name, edits in settings.items()}
-    assert alone["a"] != alone["b"]
+    assert alone["a"][1] != alone["b"][1]
     clients = {name: Client(server, verbose=False, download_files=False) for name in settings}
     for name, edits in settings.items():
         for slot, (latent, value) in enumerate(edits):
@@ -218,17 +281,17 @@ def test_two_concurrent_sessions_get_what_each_gets_alone(server, engine):
         t.join(timeout=120)
     for name in settings:
         unsteered_text, steered_text = results[name][0], results[name][1]
-        assert steered_text == prompt + alone[name], name
-        assert unsteered_text == prompt + engine.complete([prompt], GREEDY)[0].text
-    # Chat through the server uses the session's steering too.
-    history, message_box, status = clients["b"].predict("Hi", 8, 0.0, 0.9, None, api_name="/chat")
+        assert (unsteered_text, steered_text) == (prompt + alone[name][0], prompt + alone[name][1]), name
+    # Chat through the server uses the session's steering too, with the unsteered reply from the same batch.
+    history, message_box, unsteered_reply, status = clients["b"].predict("Hi", 8, 0.0, 0.9, None, api_name="/chat")
     dialog = [{"role": "user", "content": "Hi"}]
-    steps = engine.stream([engine.encode_dialog(dialog)], GREEDY, [Edit(lat, "add", v) for lat, v in settings["b"]])
-    reply = list(steps)[-1].completions[0].text
+    plain, reply = _as_the_app_runs_it(engine, engine.encode_dialog(dialog),
+                                       [Edit(lat, "add", v) for lat, v in settings["b"]])
     assert [m["role"] for m in history] == ["user", "assistant"] and message_box == "" and status == "Done."
     content = history[1]["content"]
     text = content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-    assert text.strip() == reply.strip()
+    # (Gradio's chatbot and textbox show tabs as spaces.)
+    assert text.split() == reply.split() and unsteered_reply.split() == plain.split() and plain != reply
     for c in clients.values():
         c.close()
 
@@ -245,72 +308,101 @@ def browser():
         b.close()
 
 
-def test_the_page_steers_with_a_slider(server, browser, engine):
-    from playwright.sync_api import expect
-
-    page = browser.new_page()
+def _open(browser, server):
+    page = browser.new_context().new_page()
     page.goto(server)
     page.wait_for_selector("#prompts textarea", timeout=60_000)
-    expect(page.locator("body")).to_contain_text("local heuristic")  # where the labels come from
-    prompt = "The delegates gathered at the"
-    page.fill("#prompts textarea", prompt)
-    # Search by label text: a word of latent 3's heuristic label finds it; add it as a slider.
-    word = engine.catalog.label(3).split("'")[1]
+    return page
+
+
+def _add_by_search(page, engine, latent: int):
+    from playwright.sync_api import expect
+
+    word = engine.catalog.label(latent).split("'")[1]
     page.fill("#search textarea", word)
     page.click("#search-btn")
     expect(page.locator("#search-hits input")).not_to_have_value("", timeout=20_000)
-    hits = [h.latent for h in engine.catalog.search(word)]
     page.click("#search-hits input")
-    page.get_by_role("option", name=f"3 · {engine.catalog.label(3)}").click()
-    page.click("#add-latent")
+    page.get_by_role("option", name=f"{latent} · {engine.catalog.label(latent)}").click()
+
+
+def test_the_page_steers_shows_pages_and_keeps_sessions_apart(server, browser, engine, env):
+    from playwright.sync_api import expect
+
+    from interpret import iter_examples
+
+    prompt = "The delegates gathered at the"
+    tokens = engine.encode_prompts([prompt])[0]
+    page = _open(browser, server)
+    expect(page.locator("body")).to_contain_text("local heuristic")  # where the labels come from
+    # Search by label text, open the latent's page: its examples are the top examples on disk, in order.
+    _add_by_search(page, engine, 3)
+    page.click("#open-latent")
+    expect(page.locator("#latent-page .latent-page")).to_have_attribute("data-latent", "3", timeout=20_000)
+    (record,) = iter_examples(env.sae, [3])
+    on_disk = [d for d, _ in record.top["max"]]
+    shown = [int(x) for x in page.locator("#latent-page .example").evaluate_all(
+        "els => els.map(e => e.dataset.doc)")][:len(on_disk)]
+    assert on_disk and shown == on_disk
+    expect(page.locator("#latent-page")).to_contain_text("promotes")
+    # Steer it from the page; the slider spans +-4x its largest activation.
+    page.click("#page-steer")
     expect(page.locator("#steering-summary")).to_contain_text("latent 3", timeout=20_000)
-    assert 3 in hits
     slider = page.locator("#steer-slider-0")
-    expect(slider).to_be_visible()
-    lo, hi = engine.catalog.slider_range(3)
     rng = slider.locator("input[type=range]")
+    lo, hi = engine.catalog.slider_range(3)
     assert float(rng.get_attribute("max")) == pytest.approx(hi) and float(rng.get_attribute("min")) == pytest.approx(lo)
-    number = slider.locator("input[type=number]")
-    # Move the slider to its top with the keyboard, as a user would, then generate.
-    rng.focus()
-    page.keyboard.press("End")
-    expect(page.locator("#steering-summary")).to_contain_text("latent 3 +", timeout=20_000)
-    top = float(number.input_value())
-    assert top == pytest.approx(hi, rel=0.02)
+    expect(slider.locator("input[type=number]")).to_be_hidden()  # its clamping box is not offered
+    # Type a value far outside the range: applied as typed, the slider widens to show it.
+    far = round(3 * hi, 2)
+    box = page.locator("#steer-value-0 input")
+    box.fill(str(far))
+    box.press("Enter")
+    expect(page.locator("#steering-summary")).to_contain_text(f"latent 3 {far:+g}", timeout=20_000)
+    assert float(rng.get_attribute("max")) == pytest.approx(far) and float(rng.input_value()) == pytest.approx(far)
+    page.get_by_role("tab", name="Text").click()
+    page.fill("#prompts textarea", prompt)
     page.click("#generate")
     expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-    unsteered = page.locator("#unsteered textarea").input_value()
-    steered = page.locator("#steered textarea").input_value()
-    assert unsteered == prompt + engine.complete([prompt], GREEDY)[0].text
-    assert steered == prompt + engine.complete([prompt], GREEDY, [Edit(3, "add", top)])[0].text
-    assert steered != unsteered
-    # Move it to the bottom: the steered text changes again, the unsteered one does not.
+    plain, steered = _as_the_app_runs_it(engine, tokens, [Edit(3, "add", far)])
+    assert page.locator("#unsteered textarea").input_value() == prompt + plain
+    assert page.locator("#steered textarea").input_value() == prompt + steered != prompt + plain
+    expect(page.locator("#token-view .tokens")).to_have_count(2)
+    # The slider with the keyboard, as a user moves it: its value box follows, and so does what is applied.
     rng.focus()
     page.keyboard.press("Home")
-    expect(page.locator("#steering-summary")).to_contain_text("latent 3 -", timeout=20_000)
-    bottom = float(number.input_value())
-    page.click("#generate")
-    expect(page.locator("#steered textarea")).not_to_have_value(steered, timeout=60_000)
-    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-    assert page.locator("#steered textarea").input_value() == \
-        prompt + engine.complete([prompt], GREEDY, [Edit(3, "add", bottom)])[0].text
-    assert page.locator("#unsteered textarea").input_value() == unsteered
-    # Attribution: explain the first generated token; steer its top latent with one click.
+    expect(page.locator("#steering-summary")).to_contain_text(f"latent 3 {-far:+g}", timeout=20_000)
+    expect(box).to_have_value(str(-far) if str(-far) != "-0.0" else "0", timeout=20_000)
+    # Attribution: explain the first generated token; open the top latent's page, then steer it.
     page.get_by_text("Attribution: which latents").click()
     page.click("#attribute")
     expect(page.locator("#status")).to_contain_text("Attribution done", timeout=60_000)
-    expect(page.locator("#attr-summary")).to_contain_text("logit - mean logit")
-    top_text = page.locator("#attr-text-0").inner_text()
-    page.click("#attr-steer-0")
-    top_latent = int(top_text.split("·")[0].strip())
-    expect(page.locator("#steering-summary")).to_contain_text(f"latent {top_latent}", timeout=20_000)
-    # A second browser session starts with no steering: sessions do not share state.
-    other = browser.new_context().new_page()
-    other.goto(server)
-    other.wait_for_selector("#prompts textarea", timeout=60_000)
+    expect(page.locator("#attr-summary")).to_contain_text("activation x gradient")
+    top_latent = int(page.locator("#attr-text-0").inner_text().split("·")[0].strip())
+    page.click("#attr-open-0")
+    expect(page.locator("#latent-page .latent-page")).to_have_attribute("data-latent", str(top_latent),
+                                                                        timeout=20_000)
+    # Two browser contexts with different steering at once: each gets what its own steering gives.
+    page.get_by_role("tab", name="Text").click()
+    page.click("#clear-steering")
+    other = _open(browser, server)
     expect(other.locator("#steering-summary")).to_contain_text("No latents steered")
-    expect(other.locator("#steer-slider-0")).to_be_hidden()
+    settings = {page: (3, 6.0), other: (7, -6.0)}
+    for pg, (latent, value) in settings.items():
+        _add_by_search(pg, engine, latent)
+        pg.click("#add-latent")
+        pg.locator("#steer-value-0 input").fill(str(value))
+        pg.locator("#steer-value-0 input").press("Enter")
+        expect(pg.locator("#steering-summary")).to_contain_text(f"latent {latent} {value:+g}", timeout=20_000)
+        pg.fill("#prompts textarea", prompt)
+    for pg in settings:
+        pg.click("#generate")
+    for pg, (latent, value) in settings.items():
+        expect(pg.locator("#status")).to_contain_text("Done", timeout=60_000)
+        assert pg.locator("#steered textarea").input_value() == \
+            prompt + _as_the_app_runs_it(engine, tokens, [Edit(latent, "add", value)])[1]
     # Empty input: a message, and the page keeps working.
+    other.fill("#prompts textarea", "")
     other.click("#generate")
     expect(other.locator("#status")).to_contain_text("Type a prompt first", timeout=20_000)
     other.close()

@@ -159,7 +159,7 @@ def test_every_command_takes_a_config_file(tmp_path):
     from apps.complete import CompleteConfig
     from apps.demo import DemoConfig
     from apps.tiny_model import TinyModelConfig
-    from apps.web import UiConfig
+    from apps.web_app import UiConfig
     from llama3_sae.config import parse_config
 
     f = tmp_path / "c.json"

@@ -50,14 +50,14 @@ class TrainConfig:
     batch, with a learned threshold for inference."""
     normalization: Normalization = "dataset"
     """Input normalisation: dataset (x * sqrt(d_model) / mean ||x|| from the store statistics, Llama
-    Scope's), per_token ((x - mean) / (std + 1e-6) per token, the original project's) or none."""
+    Scope's), per_token ((x - mean) / (std + 1e-6) per token) or none."""
     k_aux: int = 2048
     """Dead latents each token uses in the aux-k loss (OpenAI's auxiliary loss that revives dead latents)."""
     aux_coeff: float = 1 / 32
     """Weight of the aux-k loss."""
     dead_after_tokens: int = 10_000_000
     """A latent is dead (and trained by the aux-k loss) after this many training tokens without firing,
-    counted over all ranks. The original project used 80,000 steps; OpenAI 10M tokens."""
+    counted over all ranks (OpenAI's TopK SAEs use 10M tokens)."""
     k_anneal_start: int | None = None
     """k-annealing (Llama Scope): k at step 0, falling to --k over --k-anneal-steps. None: no annealing."""
     k_anneal_steps: int = 0
@@ -75,12 +75,12 @@ class TrainConfig:
     eps: float = 6.25e-10
     """AdamW epsilon."""
     weight_decay: float = 0.0
-    """AdamW weight decay. The original project kept AdamW's 0.01, which shrinks encoder rows against a
-    unit-norm decoder; 0 is what OpenAI and sparsify use."""
+    """AdamW weight decay. 0, as OpenAI and sparsify train: any decay shrinks the encoder rows against a
+    unit-norm decoder."""
     warmup_steps: int = 1000
     """Linear warm-up from 0 to --lr over this many steps (capped at the run's length)."""
     lr_final_ratio: float = 0.2
-    """The cosine schedule ends at lr x this ratio (the original project: lr / 5). Stepped every step."""
+    """The cosine schedule ends at lr x this ratio. Stepped every step."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     batch_size: int = 1024
@@ -89,7 +89,7 @@ class TrainConfig:
     steps: int | None = None
     """Optimizer steps in total. Default: --epochs over the training rows, rounded up."""
     epochs: float = 1.0
-    """Passes over the training rows when --steps is not given (the original project trained 10)."""
+    """Passes over the training rows when --steps is not given."""
     bf16: bool = False
     """Run the forward pass under bfloat16 autocast (weights and optimizer state stay float32)."""
     ema_decay: float | None = None
