@@ -127,14 +127,15 @@ class DemoConfig:
     """Topic latents whose steering is measured when --steer-latent is not given."""
     samples: int = 16
     """Completions per condition (cycling through the neutral prompts)."""
-    max_new_tokens: int = 32
-    """Tokens generated per completion."""
-    temperature: float = 0.7
+    max_new_tokens: int = Sampling.max_new_tokens
+    """Tokens generated per completion (the same default as complete, chat and ui)."""
+    temperature: float = Sampling.temperature
     """Sampling temperature (0 = greedy)."""
-    top_p: float = 0.9
+    top_p: float = Sampling.top_p
     """Nucleus sampling threshold."""
     seed: int = 42
-    """Random seed (the same for unsteered and steered runs, so the difference is the steering's)."""
+    """Random seed (the same for unsteered and steered runs, so the difference is the steering's; fixed, so
+    the demo's numbers reproduce)."""
     max_fluency_drop: float = 1.0
     """A steering setting counts only if it lowers the mean log-probability per token by at most this."""
     llm_labels: bool = False
@@ -222,7 +223,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict[str, Any]:
         console.print("No ANTHROPIC_API_KEY: these are heuristic labels, not LLM ones.")
     timings["labels"] = time.perf_counter() - t
 
-    engine = Engine.load(ModelOptions(ckpt_dir=ckpt, max_seq_len=256, device="cpu", dtype="fp32"), sae_dir,
+    engine = Engine.load(ModelOptions(ckpt_dir=ckpt, max_seq_len=256, device="cpu", model_dtype="fp32"), sae_dir,
                          max_batch_size=cfg.samples)
     t = stage(6, "the purest topic latents")
     if not purities:
@@ -420,7 +421,7 @@ def _steering(cfg: DemoConfig, engine, shown: list[LatentPurity], purities: list
     for i, (a, b) in enumerate(zip(base_texts, best["texts"])):
         if i >= 6:
             break
-        console.print(escape(f"\n[{i}] {prompts[i]}"))
+        console.print(escape(f"\n[{i + 1}] {prompts[i]}"))
         console.print("    unsteered: " + escape(a.strip().replace("\n", " ")))
         console.print("    [bold]steered:[/]   " + escape(b.strip().replace("\n", " ")))
     return {"prompts": prompts, "sampling": asdict(sampling), "unsteered_fluency": base_fluency,
@@ -481,7 +482,7 @@ def _print_numbers(console, results: dict[str, Any], work: Path) -> None:
         sae_dir = results["sae"]["dir"]
         sam = s["sampling"]
         lines.append(f"\nTry it yourself (the same model dtype and sampling as above):\n  llama3-sae complete "
-                     f"--sae {sae_dir} --dtype fp32 --device cpu --temperature {sam['temperature']:g} --top-p {sam['top_p']:g} --seed {sam['seed']} "
+                     f"--sae {sae_dir} --model-dtype fp32 --device cpu --temperature {sam['temperature']:g} --top-p {sam['top_p']:g} --seed {sam['seed']} "
                      f"--max-new-tokens {sam['max_new_tokens']} {json.dumps(s['prompts'][0])} "
                      f"--steer {c['latent']}={c['value']:g}\n  llama3-sae ui --sae {sae_dir}")
     lines.append(f"numbers: {work / RESULTS_FILE}  ({results['seconds']['total']:.0f} s)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ from .latents import LatentCatalog
 # --------------------------------------------------------------------------- options (shared by the apps)
 @dataclass
 class ModelOptions:
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "model_dtype"}  # --dtype until the next version
     ckpt_dir: Path | None = None
     """Model checkpoint: a .gguf file, or a directory in Meta layout (params.json, consolidated.*.pth,
     tokenizer.model), HF layout (config.json, *.safetensors, tokenizer.model or tokenizer.json) or holding one
@@ -38,8 +39,8 @@ class ModelOptions:
     """Context length of the KV cache (prompt + completion)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
-    dtype: DTypeName = "bf16"
-    """Weight and activation dtype."""
+    model_dtype: DTypeName = "bf16"
+    """Dtype the model's weights and activations are computed in."""
     compile: bool = False
     """torch.compile the decode step: faster decoding after a compile of a few seconds to minutes."""
 
@@ -48,9 +49,10 @@ class ModelOptions:
 class SaeOptions:
     sae: Path | None = None
     """SAE directory (this project's format, or any layout load_sae reads) for steering and the latent panel."""
-    steer: list[str] = field(default_factory=list)
-    """Steering edits on SAE latents: LATENT=VALUE adds VALUE to the latent (LATENT:add=V, LATENT:set=V,
-    LATENT:zero and LATENT:clamp=MIN..MAX also work). Needs --sae. Put prompts before --steer (or after --)."""
+    steer: list[str] = field(default_factory=list, metadata={"one_per_flag": True})
+    """A steering edit on an SAE latent: LATENT=VALUE adds VALUE to the latent (LATENT:add=V, LATENT:set=V,
+    LATENT:zero and LATENT:clamp=MIN..MAX also work). Needs --sae. Repeat --steer for several edits; prompts
+    may come before or after."""
     site: str | None = None
     """Hook site of the SAE (e.g. L15R) when its files do not say."""
     latents: int = 8
@@ -68,15 +70,33 @@ class SaeOptions:
             super().__post_init__()  # type: ignore[misc]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample. The defaults are every app's (demo, complete, chat, ui): one set, so that a command
+    copied from one reproduces what another showed."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_p, self.max_new_tokens)
+
+    @classmethod
+    def of(cls, opts: SamplingOptions) -> "Sampling":
+        return cls(opts.temperature, opts.top_p, opts.seed, opts.max_new_tokens)
+
+
 @dataclass
 class SamplingOptions:
-    temperature: float = 0.6
+    temperature: float = Sampling.temperature
     """Sampling temperature; 0 means greedy decoding."""
-    top_p: float = 0.9
+    top_p: float = Sampling.top_p
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
-    seed: int | None = None
+    seed: int | None = Sampling.seed
     """Random seed; row i of the batch samples with seed + i. Unset: nondeterministic."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = Sampling.max_new_tokens
     """Most tokens generated per prompt (fewer if a stop token comes first)."""
 
     def __post_init__(self) -> None:
@@ -90,8 +110,7 @@ def parse_steer(spec: str) -> Edit:
     try:
         return Edit.parse(spec)
     except ValueError as e:
-        raise ValueError(f"--steer {spec!r}: {e}. (If this is a prompt, put the prompts before --steer or "
-                         "after --.)") from None
+        raise ValueError(f"--steer {spec!r}: {e}") from None
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
@@ -123,21 +142,6 @@ class EngineStep:
     output_latents: list[list[tuple[int, float]]] | None = None
     """On the last step: per row, the latents most active over the positions that produced the output
     (the last prompt token and every generated token but the last), by their largest value there."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.6
-    top_p: float = 0.9
-    seed: int | None = None
-    max_new_tokens: int = 64
-
-    def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.max_new_tokens)
-
-    @classmethod
-    def of(cls, opts: SamplingOptions) -> "Sampling":
-        return cls(opts.temperature, opts.top_p, opts.seed, opts.max_new_tokens)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -187,7 +191,7 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         llm = Llama.build(ckpt, max_seq_len=model.max_seq_len, max_batch_size=max_batch_size,
-                          device=device, dtype=DTYPES[model.dtype], compile=model.compile)
+                          device=device, dtype=DTYPES[model.model_dtype], compile=model.compile)
         catalog = LatentCatalog.from_dir(sae_path, sae.cfg.n_latents) if sae is not None else None
         return cls(llm, sae, catalog, site, ckpt_dir=ckpt, sae_dir=sae_path)
 

@@ -93,7 +93,7 @@ class StreamView:
             out.write("\n")
         else:
             for i, h in enumerate(self.headers):
-                out.write(f"[{i}] {h}{self.texts[i]}\n")
+                out.write(f"[{i + 1}] {h}{self.texts[i]}\n")
         out.flush()
 
     # ------------------------------------------------------------------ live
@@ -119,7 +119,7 @@ class StreamView:
                 body.append(f"{h}: ", style="bold green")
             else:
                 if len(self.headers) > 1:
-                    body.append(f"[{i}] ", style="dim")
+                    body.append(f"[{i + 1}] ", style="dim")
                 body.append(h, style="bold")
             body.append(self.texts[i])
             if not self.done[i] and not final:

@@ -11,6 +11,7 @@ import difflib
 import html
 import queue
 import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,9 @@ class UiConfig(ModelOptions):
     """Initial temperature (0 = greedy)."""
     top_p: float = Sampling.top_p
     """Initial top-p."""
-    seed: int | None = 42
-    """Initial seed (empty in the page: a new random sample each time)."""
+    seed: int | None = Sampling.seed
+    """Initial seed. Empty: a new random seed for every generation, shared by its unsteered and steered rows
+    (so that the two differ by the steering only)."""
     range_factor: float = 4.0
     """A slider spans +-this many times the latent's largest activation in its top examples (typing a value
     beyond that in the slider's box widens it)."""
@@ -287,7 +289,9 @@ class WebApp:
         if edits:  # rows n..2n-1 are the same prompts with the edits; seeds per prompt, so only steering differs
             rows += tokens
             row_edits = [dataclasses.replace(e, rows=tuple(range(n, 2 * n))) for e in edits]
-        seeds = None if sampling.seed is None else [sampling.seed + i for i in range(n)] * (2 if edits else 1)
+        # One seed per prompt, shared by its unsteered and steered row: a fresh one when the page gives none.
+        seed = sampling.seed if sampling.seed is not None else secrets.randbelow(2**31)
+        seeds = [seed + i for i in range(n)] * (2 if edits else 1)
         texts = [""] * len(rows)
         top = 10 if self.engine.sae is not None else 0
         last = None
@@ -394,7 +398,7 @@ class WebApp:
         edits = state.edits()
         rows = [tokens, tokens] if edits else [tokens]
         row_edits = [dataclasses.replace(e, rows=(1,)) for e in edits]
-        seeds = None if sampling.seed is None else [sampling.seed] * len(rows)
+        seeds = [sampling.seed if sampling.seed is not None else secrets.randbelow(2**31)] * len(rows)
         replies = [""] * len(rows)
         for step in in_worker(lambda: self.engine.stream(rows, sampling, row_edits, top_latents=0, seeds=seeds)):
             for i, d in enumerate(step.deltas):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from llama3_sae.dist import DistContext, setup_distributed
+from llama3_sae.errors import RankZeroDecision
 from llama3_sae.prefetch import Prefetcher
 from llama3.chat_template import chat_format_for
 from llama3.checkpoint import check_vocab, load_model, load_tokenizer, read_model_args, resolve_checkpoint
@@ -145,7 +146,7 @@ def run_capture(cfg: CaptureConfig, *, model: Transformer | None = None, tokeniz
         decision = dist_info.broadcast_object(decision)
         assert decision is not None
         if decision[0] == "error":
-            raise ValueError(decision[1])
+            raise RankZeroDecision(decision[1])
         if decision[0] == "complete":
             summary = _summary_from_manifests(cfg, sites)
             summary.status = "already complete"
@@ -323,4 +324,6 @@ def format_summary(summary: CaptureSummary) -> str:
     if summary.source:
         lines.append(f"  input: {summary.source}")
     lines += [f"  store: {p}" for p in summary.stores]
+    lines.append("next: statistics and a shuffled copy for training, per store: "
+                 + "; ".join(f"llama3-sae preprocess --store {p}" for p in summary.stores))
     return "\n".join(lines)

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from llama3_sae.config import parse_config
-from llama3_sae.errors import USER_ERRORS, describe
+from llama3_sae.errors import USER_ERRORS, print_error
 
 from . import capture, preprocess
 from .config import CaptureConfig, PreprocessConfig
@@ -26,7 +25,7 @@ def main_capture(argv: list[str] | None = None, prog: str = "llama3-sae capture"
                      "text or chat dataset: one store per site, sharded safetensors.", _CAPTURE_EPILOG)
         summary = capture.run_capture(cfg)  # type: ignore[arg-type]
     except USER_ERRORS as e:
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        print_error(prog, e, int(os.environ.get("RANK", "0")))
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(capture.format_summary(summary))
@@ -39,7 +38,7 @@ def main_preprocess(argv: list[str] | None = None, prog: str = "llama3-sae prepr
                      "activation store, and a globally shuffled copy for training.")
         summary = preprocess.run_preprocess(cfg)  # type: ignore[arg-type]
     except USER_ERRORS as e:
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        print_error(prog, e, int(os.environ.get("RANK", "0")))
         return 2
     print(preprocess.format_summary(summary))
     return 0

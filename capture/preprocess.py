@@ -321,4 +321,6 @@ def format_summary(s: PreprocessSummary) -> str:
         lines.append(f"  shuffled store: {s.shuffled} ({s.shards_out} shards)")
     if s.seconds:
         lines.append(f"  {s.seconds:,.1f} s")
+    lines.append(f"next: llama3-sae train --store {s.shuffled if s.shuffled is not None else s.store} --out SAE_DIR "
+                 "(--n-latents, --k; see llama3-sae train --help)")
     return "\n".join(lines)

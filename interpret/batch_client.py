@@ -44,7 +44,7 @@ STATE_VERSION = 1
 API_MAX_REQUESTS = 100_000
 API_MAX_MB = 256.0
 
-def make_client(*, max_retries: int, timeout_s: float):
+def make_client(*, max_retries: int, timeout_s: float, kind: str = "labels"):
     """An ``anthropic.Anthropic`` client; the key comes from ``ANTHROPIC_API_KEY`` only (and the SDK
     reads ``ANTHROPIC_BASE_URL`` itself)."""
     try:
@@ -54,8 +54,11 @@ def make_client(*, max_retries: int, timeout_s: float):
                          "(or pip install anthropic)") from None
     key = os.environ.get("ANTHROPIC_API_KEY", "").strip()
     if not key:
+        offline = ("or label without an API with `llama3-sae interpret --heuristic`" if kind == "labels" else
+                   "scoring asks the LLM to predict from each label which documents activate, so it has no "
+                   "offline mode")
         raise SystemExit("ANTHROPIC_API_KEY is not set: export your Anthropic API key in the environment (it is "
-                         "read from there only), or label without an API with --heuristic")
+                         f"read from there only); {offline}")
     # Passed explicitly so the SDK consults no other credential source (profiles, auth tokens on disk).
     return anthropic.Anthropic(api_key=key, max_retries=max_retries, timeout=timeout_s)
 

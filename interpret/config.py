@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from capture.config import SourceOptions
 from llama3_sae.config import config_identity
@@ -24,8 +24,10 @@ DEFAULT_MODEL = "claude-sonnet-5-5"
 class LLMJobConfig:
     """Options shared by ``interpret`` (labels) and ``score`` (detection scoring)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"max_tokens": "max_output_tokens"}  # until the next version
+
     sae: Path
-    """SAE directory: reads top_examples.jsonl (from top-examples) and writes latents.jsonl there; state
+    """SAE directory: reads top_examples.jsonl (from top-examples); labels go to latents.jsonl there. State
     and results of the LLM jobs go to SAE/interpret/."""
     latents: str = "all"
     """Latents to process: all, or indices and inclusive ranges such as 0-99,120."""
@@ -38,8 +40,8 @@ class LLMJobConfig:
     """Most requests --sync sends in one run; more is refused (use batches, or raise this)."""
     yes: bool = False
     """Send without asking after the token and cost estimate (needed when there is no terminal)."""
-    max_tokens: int = 4096
-    """Most output tokens per reply (thinking included for models that think)."""
+    max_output_tokens: int = 4096
+    """Most output tokens per reply of the LLM (thinking included for models that think)."""
     thinking: Thinking = "model-default"
     """Extended thinking: model-default sends no setting; disabled or adaptive set it explicitly (not every
     model accepts every value)."""
@@ -65,7 +67,7 @@ class LLMJobConfig:
     """Requests whose input tokens are counted with messages.count_tokens for the estimate (the rest is
     extrapolated by characters); 0 uses a characters-per-token approximation."""
     expected_output_tokens: int = 700
-    """Output tokens per reply assumed by the cost estimate (max_tokens gives the ceiling)."""
+    """Output tokens per reply assumed by the cost estimate (--max-output-tokens gives the ceiling)."""
     price_input_per_mtok: float | None = None
     """USD per million input tokens at the standard rate, for models not in the built-in table (or to
     correct it)."""
@@ -81,7 +83,7 @@ class LLMJobConfig:
             parse_latent_spec(self.latents)
         except ValueError as e:
             problems.append(str(e))
-        for name, lo in (("sync_limit", 1), ("max_tokens", 1), ("max_requests_per_batch", 1), ("max_attempts", 1),
+        for name, lo in (("sync_limit", 1), ("max_output_tokens", 1), ("max_requests_per_batch", 1), ("max_attempts", 1),
                          ("max_retries", 0), ("count_tokens_sample", 0), ("expected_output_tokens", 0)):
             if getattr(self, name) < lo:
                 problems.append(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
@@ -109,6 +111,10 @@ class LLMJobConfig:
 class InterpretConfig(LLMJobConfig):
     """``llama3-sae interpret``: label latents from their top examples with Claude."""
 
+    sae: Path
+    """SAE directory: reads top_examples.jsonl (from top-examples) and writes the labels to latents.jsonl
+    there; the LLM job's state and results go to SAE/interpret/."""
+
     prompt_top: int = 12
     """Documents per section of the prompt (strongest token, highest mean, strongest last token)."""
     prompt_per_quantile: int = 2
@@ -130,6 +136,12 @@ class InterpretConfig(LLMJobConfig):
 class ScoreConfig(LLMJobConfig):
     """``llama3-sae score``: detection scoring of the labels in latents.jsonl."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"plot": "plots"}  # until the next version
+
+    sae: Path
+    """SAE directory: reads the labels in latents.jsonl and the held-out documents in top_examples.jsonl, and
+    writes each label's score into latents.jsonl; the LLM job's state and results go to SAE/interpret/."""
+
     n_active: int = 10
     """Activating documents per question (held out from the labelling prompt; fewer when the latent
     fired on fewer documents)."""
@@ -140,11 +152,11 @@ class ScoreConfig(LLMJobConfig):
     min_examples: int = 4
     """Latents with fewer activating or fewer non-activating documents than this are not scored (and
     counted in the summary)."""
-    max_tokens: int = 2048
-    """Most output tokens per reply (thinking included for models that think)."""
+    max_output_tokens: int = 2048
+    """Most output tokens per reply of the LLM (thinking included for models that think)."""
     expected_output_tokens: int = 300
-    """Output tokens per reply assumed by the cost estimate (max_tokens gives the ceiling)."""
-    plot: bool = True
+    """Output tokens per reply assumed by the cost estimate (--max-output-tokens gives the ceiling)."""
+    plots: bool = True
     """Write a histogram of balanced accuracy to SAE/interpret/detection_scores.png (needs matplotlib)."""
 
     def __post_init__(self) -> None:

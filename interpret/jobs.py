@@ -24,7 +24,8 @@ class LLMJob:
                  client: Any = None):
         check_sync_limit(cfg, n_requests)
         self.cfg, self.what, self.console = cfg, what, console
-        self.client = client if client is not None else make_client(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s)
+        self.client = client if client is not None else make_client(max_retries=cfg.max_retries, timeout_s=cfg.timeout_s,
+                                                                           kind=kind)
         self.runner = JobRunner(self.client, cfg.workdir, kind, runner_options(cfg), console=console, redo=cfg.redo)
         self.confirm = make_confirm(console, cfg, self.client, what, lambda p: len(self.runner.chunks(p)))
 

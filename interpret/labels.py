@@ -42,7 +42,7 @@ def label_requests(records: Iterable[LatentExamples], cfg: InterpretConfig) -> t
             dead.append(rec.latent)
             continue
         user, shown = label_prompt(rec, opts)
-        params = message_params(cfg.model, cfg.max_tokens, LABEL_SYSTEM, user, cfg.thinking)
+        params = message_params(cfg.model, cfg.max_output_tokens, LABEL_SYSTEM, user, cfg.thinking)
         requests.append(Request(str(rec.latent), params, {"latent": rec.latent, "model": cfg.model, "docs": shown}))
     return requests, dead
 

@@ -52,7 +52,7 @@ def handle_detection_reply(outcome: Outcome, meta: dict[str, Any]) -> dict[str, 
     try:
         ans = parse_detection(outcome.text, len(truth))
     except ParseError as e:
-        why = str(e) + (" (the reply hit --max-tokens; raise it)" if outcome.stop_reason == "max_tokens" else "")
+        why = str(e) + (" (the reply hit --max-output-tokens; raise it)" if outcome.stop_reason == "max_tokens" else "")
         return {**base, "status": "parse_error", "error": why, "raw": outcome.text}
     return {**base, "status": "ok", **balanced_accuracy(ans.answers, truth), "answers": ans.answers,
             "truth": truth, "docs": meta.get("docs"), "n_active": sum(truth), "n_random": len(truth) - sum(truth)}
@@ -142,7 +142,7 @@ def run_score(cfg: ScoreConfig, *, console: Console | None = None, client: Any =
         if sum(truth) < cfg.min_examples or len(truth) - sum(truth) < cfg.min_examples:
             too_few.append(rec.latent)
             continue
-        params = message_params(cfg.model, cfg.max_tokens, DETECTION_SYSTEM, detection_prompt(label, rec, docs),
+        params = message_params(cfg.model, cfg.max_output_tokens, DETECTION_SYSTEM, detection_prompt(label, rec, docs),
                                 cfg.thinking)
         requests.append(Request(str(rec.latent), params, {"latent": rec.latent, "label": label, "docs": docs,
                                                           "truth": truth, "model": cfg.model}))
@@ -182,7 +182,7 @@ def run_score(cfg: ScoreConfig, *, console: Console | None = None, client: Any =
                   + (f"; {stale:,} results skipped because their label has changed since" if stale else ""))
     if scores:
         Console().print(summary_table(scores, by_source))
-        if cfg.plot:
+        if cfg.plots:
             path = plot_histogram(scores, cfg.workdir / PLOT_FILE, f"detection scores of {len(scores):,} latents")
             console.print(f"histogram: {path}")
     return 0 if not failures else 3

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import json
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -86,13 +87,52 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tupl
             kwargs.update(choices=choices, type=type(choices[0]))
         elif origin in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            # Repeated flags accumulate (--steer 1=3 --steer 2=4 keeps both), as the help promises.
-            kwargs.update(nargs="+", type=_scalar(item), action="extend")
+            if f.metadata.get("one_per_flag"):
+                # One value per flag, repeated for more (--steer 1=3 --steer 2=4), so that the positional
+                # arguments may come after it: --steer 1=3 "a prompt".
+                kwargs.update(type=_scalar(item), action="append")
+            else:  # repeated flags accumulate (--data a b --data c keeps all three)
+                kwargs.update(nargs="+", type=_scalar(item), action="extend")
         else:
             kwargs["type"] = _scalar(tp)
             if optional:
                 kwargs["metavar"] = f"{getattr(tp, '__name__', 'VALUE').upper()}"
         parser.add_argument(_flag(f.name), **kwargs)
+    for old_name, new_name in renamed_options(cls).items():
+        target = parser._option_string_actions[_flag(new_name)]
+        flags = {_flag(old_name): _flag(new_name)}
+        if isinstance(target, argparse.BooleanOptionalAction):
+            flags["--no-" + _flag(old_name)[2:]] = "--no-" + _flag(new_name)[2:]
+        parser.add_argument(*flags, dest=new_name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            action=_deprecated(flags, target))
+
+
+def renamed_options(cls: type) -> dict[str, str]:
+    """Old option names a config class still accepts for one version: its ``RENAMED`` {old: new} (and its
+    bases'). The old flag works, says it is deprecated, and is hidden from --help."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(getattr(klass, "RENAMED", {}) or {})
+    return out
+
+
+def _deprecated(flags: dict[str, str], target: argparse.Action) -> type[argparse.Action]:
+    """An action that parses like ``target`` (the new option) and warns that its flag is the old name
+    (``flags``: old flag -> the new flag it stands for)."""
+
+    class Deprecated(argparse.Action):
+        def __init__(self, option_strings, dest, **kwargs):
+            kwargs.pop("nargs", None)
+            nargs = 0 if isinstance(target, argparse.BooleanOptionalAction) else target.nargs
+            super().__init__(option_strings, dest, nargs=nargs, type=target.type, choices=target.choices, **kwargs)
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            new = flags[option_string]
+            print(f"warning: {option_string} is deprecated and will be removed in the next version: use {new}",
+                  file=sys.stderr)
+            target(parser, namespace, values, new)
+
+    return Deprecated
 
 
 def _scalar(tp: Any) -> Any:
@@ -188,6 +228,11 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str,
             parser.error(f"--config {config_path}: {e}")
         if not isinstance(base, dict):
             parser.error(f"--config {config_path}: expected a JSON object of option values")
+        for old_name, new_name in renamed_options(cls).items():
+            if old_name in base and new_name not in base:
+                print(f"warning: --config {config_path}: {old_name} is deprecated, read as {new_name}",
+                      file=sys.stderr)
+                base[new_name] = base.pop(old_name)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(base) - known)
         if unknown:
@@ -195,7 +240,8 @@ def parse_config(cls: type, argv: list[str] | None, prog: str, description: str,
         for action in parser._actions:  # options the file gives are no longer required on the command line
             if action.dest in base:
                 action.required = False
-    ns = parser.parse_args(argv)
+    # Intermixed: prompts may come before, between or after options (llama3-sae complete "a" --steer 1=3 "b").
+    ns = parser.parse_intermixed_args(argv)
     for name in positional:  # positional values add to what --config gives
         given = getattr(ns, name)
         if given in (None, []) and base and name in base:

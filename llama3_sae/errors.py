@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +20,18 @@ _HINTS = {
     errno.EACCES: "permission denied; choose an output you may write to",
     errno.EPERM: "operation not permitted; choose an output you may write to",
 }
+
+
+class RankZeroDecision(ValueError):
+    """A refusal every rank reaches alike (rank 0's broadcast decision, or the same check of the same
+    files): every rank raises it, only rank 0 prints it."""
+
+
+def print_error(prog: str, e: BaseException, rank: int = 0) -> None:
+    """Print ``prog: error: ...`` for a user error; under torchrun once per job for a shared decision."""
+    if rank != 0 and isinstance(e, RankZeroDecision):
+        return
+    print(f"{prog}: error: {describe(e)}", file=sys.stderr)
 
 
 def describe(e: BaseException) -> str:

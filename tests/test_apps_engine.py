@@ -31,7 +31,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(env):
-    return Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=64, device="cpu", dtype="fp32"), env.sae,
+    return Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=64, device="cpu", model_dtype="fp32"), env.sae,
                        max_batch_size=4)
 
 
@@ -129,7 +129,7 @@ def test_apply_edits_matches_the_edit_semantics():
 def test_input_errors_are_clear(engine, env):
     with pytest.raises(ValueError, match=r"latent 64 is out of range: this SAE has latents 0\.\.63"):
         engine.parse_edits(["64=1"])
-    with pytest.raises(ValueError, match="put the prompts before --steer"):
+    with pytest.raises(ValueError, match="--steer 'The cat': cannot parse steering edit"):
         engine.parse_edits(["The cat"])
     with pytest.raises(ValueError, match=r"prompt 2 has \d+ tokens.*context of 64 tokens.*--max-seq-len"):
         engine.encode_prompts(["ok", "word " * 80])
@@ -145,13 +145,13 @@ def test_an_sae_that_does_not_fit_is_refused_before_the_model_loads(env, tmp_pat
     wide = SparseAutoencoder(SAEConfig(d_model=128, n_latents=16, k=2, site=SITE), seed=0)
     wide.save(tmp_path / "wide")
     with pytest.raises(ValueError, match=r"does not fit the model.*d_model=128.*width is 64"):
-        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", dtype="fp32"), tmp_path / "wide")
+        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", model_dtype="fp32"), tmp_path / "wide")
     deep = SparseAutoencoder(SAEConfig(d_model=64, n_latents=16, k=2, site="L9R"), seed=0)
     deep.save(tmp_path / "deep")
     with pytest.raises(ValueError, match=r"L9R is past the model's last layer \(3\)"):
-        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", dtype="fp32"), tmp_path / "deep")
+        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", model_dtype="fp32"), tmp_path / "deep")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", dtype="fp32"), tmp_path / "missing")
+        Engine.load(ModelOptions(ckpt_dir=env.ckpt, device="cpu", model_dtype="fp32"), tmp_path / "missing")
 
 
 def test_catalog_reads_labels_and_ranges(env):
@@ -261,7 +261,7 @@ def test_a_transcoder_reads_the_mlp_input_and_steers_the_mlp_output(env, tmp_pat
     with torch.no_grad():
         tc.b_enc.fill_(0.02)
     tc.save(tmp_path / "tc")
-    engine = Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=64, device="cpu", dtype="fp32"),
+    engine = Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=64, device="cpu", model_dtype="fp32"),
                          tmp_path / "tc", max_batch_size=2)
     steps, completions = _run(engine, PROMPTS[:1], GREEDY)
     model = engine.llm.model

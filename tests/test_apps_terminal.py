@@ -28,12 +28,12 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(env):
-    return Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=2048, device="cpu", dtype="fp32"), env.sae,
+    return Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=2048, device="cpu", model_dtype="fp32"), env.sae,
                        max_batch_size=2)
 
 
 def _common(env, *extra):
-    return ["--ckpt-dir", str(env.ckpt), "--dtype", "fp32", "--device", "cpu", "--sae", str(env.sae), *extra]
+    return ["--ckpt-dir", str(env.ckpt), "--model-dtype", "fp32", "--device", "cpu", "--sae", str(env.sae), *extra]
 
 
 def test_piped_output_is_plain_and_steered_as_the_api_says(env, engine, capsys):
@@ -42,9 +42,20 @@ def test_piped_output_is_plain_and_steered_as_the_api_says(env, engine, capsys):
     assert code == 0
     captured = capsys.readouterr()
     ref = engine.complete(PROMPTS, Sampling(0.0, 0.9, None, 6), [Edit(3, "add", 40.0)])
-    assert captured.out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in enumerate(zip(PROMPTS, ref))]
+    assert captured.out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in enumerate(zip(PROMPTS, ref), 1)]
     assert "\x1b[" not in captured.out  # no terminal codes in a pipe
     assert "steering: latent 3 +40" in captured.err
+
+
+def test_edits_may_come_before_between_or_after_the_prompts(env, engine, capsys):
+    """--steer takes one edit per flag, so a prompt after it is a prompt; the old --dtype still works, warns."""
+    args = ["--ckpt-dir", str(env.ckpt), "--dtype", "fp32", "--device", "cpu", "--sae", str(env.sae),
+            "--temperature", "0", "--max-new-tokens", "6"]
+    assert main(["complete", *args, "--steer", "3=40", PROMPTS[0], "--steer", "5=-2", PROMPTS[1]]) == 0
+    captured = capsys.readouterr()
+    ref = engine.complete(PROMPTS, Sampling(0.0, 0.9, None, 6), [Edit(3, "add", 40.0), Edit(5, "add", -2.0)])
+    assert captured.out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in enumerate(zip(PROMPTS, ref), 1)]
+    assert "--dtype is deprecated" in captured.err and "use --model-dtype" in captured.err
 
 
 def test_prompts_from_stdin_one_per_line(env, engine, capsys, monkeypatch):
@@ -53,7 +64,7 @@ def test_prompts_from_stdin_one_per_line(env, engine, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("The delegates gathered at the\n\nHello\n"))
     assert main(["complete", *_common(env, "--temperature", "0", "--max-new-tokens", "4", "--prompts-file", "-")]) == 0
     ref = engine.complete(PROMPTS, Sampling(0.0, 0.9, None, 4))
-    assert capsys.readouterr().out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in enumerate(zip(PROMPTS, ref))]
+    assert capsys.readouterr().out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in enumerate(zip(PROMPTS, ref), 1)]
 
 
 def test_complete_in_a_terminal_streams_with_a_latent_panel(env, engine):
@@ -126,7 +137,7 @@ def test_chat_without_a_terminal_reads_lines(env, engine, capsys):
     from apps.terminal import make_console
 
     lines = iter(["Hi there", "/reset", "Hi there", "/steer 3=40", "Hi there", "/unsteer", "/bogus", "/quit"])
-    cfg = ChatConfig(ckpt_dir=env.ckpt, sae=env.sae, device="cpu", dtype="fp32", temperature=0.0, max_new_tokens=5)
+    cfg = ChatConfig(ckpt_dir=env.ckpt, sae=env.sae, device="cpu", model_dtype="fp32", temperature=0.0, max_new_tokens=5)
     assert run_chat(cfg, console=make_console(), read=lambda prompt: next(lines)) == 0
     out = capsys.readouterr().out
     sampling = Sampling(0.0, 0.9, None, 5)
@@ -150,12 +161,12 @@ def test_bad_input_is_a_clear_error(env, capsys, extra, message):
     assert message in err and "Traceback" not in err
 
 
-def test_a_prompt_after_steer_gets_a_hint(env, capsys):
+def test_a_malformed_edit_is_a_clear_error(env, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["complete", *_common(env), "--steer", "3=1", "hi"])
+        main(["complete", *_common(env), "--steer", "hi", "a prompt"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--steer 'hi'" in err and "put the prompts before --steer" in err
+    assert "--steer 'hi': cannot parse steering edit" in err and "LATENT=VALUE" in err
 
 
 def test_an_sae_that_does_not_fit_is_a_clear_error(env, tmp_path, capsys):

@@ -33,7 +33,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(env):
     # concurrency 2: two sessions' generations are in the server at once (the engine serialises the model).
-    return UiConfig(ckpt_dir=env.ckpt, sae=env.sae, device="cpu", dtype="fp32", max_seq_len=128, max_batch=2,
+    return UiConfig(ckpt_dir=env.ckpt, sae=env.sae, device="cpu", model_dtype="fp32", max_seq_len=128, max_batch=2,
                     concurrency=2, max_new_tokens=8, temperature=0.0)
 
 

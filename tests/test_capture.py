@@ -146,6 +146,8 @@ def test_bos_row_left_out_and_truncation_counted(ckpt, tokenizer, tmp_path, caps
     out = tmp_path / "acts"
     _capture(ckpt, out, "--limit", "30", "--bos", "--max-tokens", "8", sites="L1R")
     printed = capsys.readouterr().out
+    assert f"next: statistics and a shuffled copy for training, per store: llama3-sae preprocess --store {out / 'L1R'}" \
+        in printed
     store = ActivationStore(out / "L1R")
     rows = store.read_all()
     texts = SENTENCES.read_text().splitlines()[:30]

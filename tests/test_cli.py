@@ -49,12 +49,12 @@ def test_complete_streams_the_same_text_as_the_api(tiny_ckpt, capsys):
 
     prompts = ["The delegates gathered at the", "Hello"]
     code = main(["complete", "--ckpt-dir", str(tiny_ckpt), "--temperature", "0", "--max-new-tokens", "6",
-                 "--dtype", "fp32", "--device", "cpu", *prompts])
+                 "--model-dtype", "fp32", "--device", "cpu", *prompts])
     assert code == 0
     out = capsys.readouterr().out.splitlines()
     llm = Llama.build(tiny_ckpt, max_seq_len=2048, max_batch_size=2, device="cpu", dtype=torch.float32)
     ref = llm.text_completion(prompts, temperature=0.0, max_gen_len=6)
-    assert out == [f"[{i}] {p}{r.text}" for i, (p, r) in enumerate(zip(prompts, ref))]
+    assert out == [f"[{i}] {p}{r.text}" for i, (p, r) in enumerate(zip(prompts, ref), 1)]  # numbered from 1
 
 
 def test_complete_single_prompt_streams_plain_text(tiny_ckpt, tmp_path):
@@ -62,7 +62,7 @@ def test_complete_single_prompt_streams_plain_text(tiny_ckpt, tmp_path):
     prompts_file.write_text("Once upon a time\n\n")
     proc = subprocess.run([sys.executable, "-m", "apps", "complete", "--ckpt-dir", str(tiny_ckpt),
                            "--prompts-file", str(prompts_file), "--temperature", "0.7", "--seed", "1",
-                           "--max-new-tokens", "5", "--dtype", "fp32"], capture_output=True, text=True, timeout=300)
+                           "--max-new-tokens", "5", "--model-dtype", "fp32"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Once upon a time") and len(proc.stdout) > len("Once upon a time\n")
 
@@ -177,3 +177,15 @@ def test_every_command_takes_a_config_file(tmp_path):
     f.write_text(json.dumps({"no_such_option": 1}))
     with pytest.raises(SystemExit):
         parse_config(UiConfig, ["--config", str(f)], "ui", "")
+
+
+def test_a_shared_refusal_is_printed_once_per_torchrun_job(capsys):
+    """Rank 0 decides what an --out allows and every rank raises it: only rank 0 prints it."""
+    from llama3_sae.errors import RankZeroDecision, print_error
+
+    for rank in (0, 1, 2):
+        print_error("llama3-sae train", RankZeroDecision("OUT holds checkpoints of an earlier run"), rank)
+    print_error("llama3-sae train", ValueError("rank 1's own problem"), 1)
+    assert capsys.readouterr().err.splitlines() == [
+        "llama3-sae train: error: OUT holds checkpoints of an earlier run",
+        "llama3-sae train: error: rank 1's own problem"]

@@ -503,8 +503,14 @@ def test_without_terminal_needs_yes(fake, tmp_path):
 def test_missing_key_is_a_clear_error(fake, tmp_path, monkeypatch):
     sae = write_examples(tmp_path / "sae")
     monkeypatch.delenv("ANTHROPIC_API_KEY")
-    with pytest.raises(SystemExit, match="ANTHROPIC_API_KEY is not set"):
+    with pytest.raises(SystemExit, match="ANTHROPIC_API_KEY is not set.*interpret --heuristic"):
         run_interpret(InterpretConfig(sae=sae, **fast()))
+    # Scoring has no offline mode, and says so instead of naming a flag it does not have.
+    from interpret.batch_client import make_client
+
+    with pytest.raises(SystemExit, match="no offline mode") as e:
+        make_client(max_retries=0, timeout_s=1, kind="score")
+    assert "--heuristic" not in str(e.value)
 
 
 def test_sync_mode_retries_429_and_resumes(fake, tmp_path, capsys):

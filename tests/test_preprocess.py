@@ -125,7 +125,8 @@ def test_cli_rerun_overwrite_and_corruption(tmp_path, capsys):
     store_dir = tmp_path / "L3R"
     _make_store(store_dir, [100, 100])
     assert main_preprocess(["--store", str(store_dir), "--no-progress", "--workers", "1"]) == 0
-    assert "shuffled store" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shuffled store" in printed and f"next: llama3-sae train --store {store_dir / 'shuffled'} --out" in printed
     assert main_preprocess(["--store", str(store_dir), "--no-progress"]) == 0
     assert "already done" in capsys.readouterr().out
     assert main_preprocess(["--store", str(store_dir), "--no-progress", "--overwrite", "--seed", "1",

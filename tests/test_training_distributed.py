@@ -102,6 +102,12 @@ def test_torchrun_ddp_equals_one_process_on_the_same_global_batch(store, tmp_pat
     val_one = json.loads((single / "metrics_summary.json").read_text())["val"]
     assert val_ddp["rows"] == val_one["rows"]
     assert val_ddp["explained_variance"] == pytest.approx(val_one["explained_variance"], rel=1e-5)
+    # The same --out with other options: refused, and said once for the job, not once per rank.
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "training", *_argv(store, ddp, batch=32, k=8)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.count("python -m training: error:") == 1 and "different options (k: 4 -> 8" in again.stderr
 
     # The test can fail: a rank that trains on its own half of each batch (the original project's
     # bypassed DDP) ends far from the all-reduced result.

@@ -100,3 +100,19 @@ def test_eval_errors_are_clear(setup, tmp_path, capsys):
     assert main_eval(["--sae", str(saes[0][0]), "--ckpt-dir", str(ckpt), "--data", str(data), "--out",
                       str(tmp_path), "--sites", "L0R,L1R"]) == 2
     assert "one per --sae" in capsys.readouterr().err
+
+
+def test_eval_plot_draws_one_line_per_sae_when_two_share_a_layer(tmp_path):
+    from training.eval import _series, plot_eval
+
+    def row(sae, layer, width=64):
+        return {"sae": f"/x/{sae}", "point": "resid_post", "architecture": "topk", "n_latents": width, "layer": layer,
+                "l0": 4.0, "explained_variance": 0.5, "delta_lm_loss": 0.1}
+
+    across_layers = [row("a", 2), row("b", 4)]
+    assert list(_series(across_layers)) == ["resid_post topk 64"]  # one kind across layers: one line
+    same_layer = [row("seed0", 2), row("seed1", 2), row("wide", 2, 128)]
+    assert sorted(_series(same_layer)) == ["resid_post topk 128", "resid_post topk 64 · seed0",
+                                           "resid_post topk 64 · seed1"]
+    pytest.importorskip("matplotlib")
+    assert plot_eval(same_layer, tmp_path / "eval.png").stat().st_size > 0

@@ -8,7 +8,7 @@ import os
 import sys
 
 from llama3_sae.config import parse_config
-from llama3_sae.errors import USER_ERRORS, describe
+from llama3_sae.errors import USER_ERRORS, print_error
 
 from .config import TrainConfig
 from . import eval as sae_eval
@@ -41,13 +41,15 @@ def main_train(argv: list[str] | None = None, prog: str = "llama3-sae train") ->
                            _TRAIN_EPILOG)
         result = run_train(cfg)
     except USER_ERRORS as e:
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        print_error(prog, e, int(os.environ.get("RANK", "0")))
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         val = result.summary.get("val", {})
         print(f"trained {result.steps:,} steps -> {result.out}  (val L0 {val.get('l0', float('nan')):.1f}, "
               f"explained variance {val.get('explained_variance', float('nan')):.4f}, "
               f"dead {val.get('dead_fraction', float('nan')):.2%})")
+        print(f"next: llama3-sae eval --sae {result.out} --data HELD_OUT.txt --out EVAL_DIR  (delta LM loss, "
+              f"fidelity); llama3-sae top-examples --sae {result.out} --data TEXT  (then interpret, latent, ui)")
     return 0
 
 
@@ -58,7 +60,7 @@ def main_eval(argv: list[str] | None = None, prog: str = "llama3-sae eval") -> i
                            "(delta loss, fidelity). Writes eval.json and eval.png.", _EVAL_EPILOG)
         report = sae_eval.run_eval(cfg)
     except USER_ERRORS as e:
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        print_error(prog, e, int(os.environ.get("RANK", "0")))
         return 2
     print(sae_eval.format_report(report))
     return 0
@@ -83,7 +85,7 @@ def main_inspect(argv: list[str] | None = None, prog: str = "llama3-sae inspect-
                            "and, with --store, its L0 and explained variance on those activations.", _INSPECT_EPILOG)
         report = sae_inspect.run_inspect(cfg)
     except USER_ERRORS as e:
-        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        print_error(prog, e, int(os.environ.get("RANK", "0")))
         return 2
     print(sae_inspect.report_json(report) if cfg.json else sae_inspect.format_report(report))
     return 0

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ EVAL_PNG = "eval.png"
 @dataclass
 class EvalConfig:
     """``llama3-sae eval``: reconstruction and downstream metrics of SAEs on held-out text."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"dtype": "model_dtype"}  # --dtype until the next version
 
     sae: tuple[Path, ...]
     """SAE directories or files: this project's format or any that ``load_sae`` detects (SAELens, Llama
@@ -72,7 +74,7 @@ class EvalConfig:
     """Documents per forward pass."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    model_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype the model computes in."""
     plots: bool = True
     """Write eval.png (needs matplotlib; skipped with a note without it)."""
@@ -157,7 +159,7 @@ def run_eval(cfg: EvalConfig, console: Any = None) -> dict[str, Any]:
             raise ValueError(f"--sae {path} does not record its hook site; give it with --sites (one per --sae)")
         saes.append(sae)
     sites = [sae.cfg.site for sae in saes]
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.model_dtype]
     ckpt = resolve_checkpoint(cfg.ckpt_dir)
     model = load_model(ckpt, device=device, dtype=dtype, max_seq_len=max(cfg.max_tokens, 2))
     splices = []  # per SAE, its hooks spliced in and zero-ablated; building them checks layer and width
@@ -224,25 +226,45 @@ def _add(acc: list, value: tuple[float, int]) -> None:
     acc[1] += value[1]
 
 
-def plot_eval(rows: list[dict[str, Any]], path: Path) -> Path:
-    """L0, explained variance and delta LM loss against the layer, one line per (site kind, width,
-    architecture): the layout of the Llama Scope paper's figure 10. Raises ImportError without matplotlib."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    series: dict[str, list[dict[str, Any]]] = {}
+def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Lines of the plot: one per (site kind, architecture, width) across layers, as in the Llama Scope
+    paper; when two SAEs of one such kind sit at the same layer, one line per SAE instead, so that no line
+    joins two SAEs' points at one layer."""
+    kinds: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        series.setdefault(f"{r['point']} {r['architecture']} {r['n_latents']:,}", []).append(r)
+        kinds.setdefault(f"{r['point']} {r['architecture']} {r['n_latents']:,}", []).append(r)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for label, items in kinds.items():
+        layers = [r["layer"] for r in items]
+        if len(set(layers)) == len(layers):
+            out[label] = items
+        else:
+            for r in items:
+                out.setdefault(f"{label} · {Path(r['sae']).name}", []).append(r)
+    return out
+
+
+def plot_eval(rows: list[dict[str, Any]], path: Path) -> Path:
+    """L0, explained variance and delta LM loss against the layer (the layout of the Llama Scope paper's
+    figure 10), each panel saying which direction is better. Raises ImportError without matplotlib."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 (optional dependency)
+
+    series = _series(rows)
     fig = Figure(figsize=(13, 4), layout="constrained")
     axes = fig.subplots(1, 3)
-    panels = [("l0", "L0"), ("explained_variance", "explained variance"), ("delta_lm_loss", "delta LM loss (nats)")]
+    panels = [("l0", "L0 (active latents per token; lower = sparser)"),
+              ("explained_variance", "explained variance (higher is better)"),
+              ("delta_lm_loss", "delta LM loss, nats (lower is better)")]
+    layers = sorted({r["layer"] for r in rows})
     for ax, (key, title) in zip(axes, panels):
         for label, items in series.items():
             items = sorted(items, key=lambda r: r["layer"])
             ax.plot([r["layer"] for r in items], [r[key] for r in items], "o-", label=label, markersize=5)
-        ax.set_title(title)
+        ax.set_title(title, fontsize="medium")
         ax.set_xlabel("layer")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(layers)  # the layers evaluated, never fractional ticks
+        if len(layers) == 1:
+            ax.set_xlim(layers[0] - 1, layers[0] + 1)
         ax.grid(alpha=0.3)
     if all(r["delta_lm_loss"] > 0 for r in rows):
         axes[2].set_yscale("log")

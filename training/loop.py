@@ -25,6 +25,7 @@ import torch.distributed as dist
 from rich.console import Console
 
 from llama3_sae.config import identity_differences, save_config, to_jsonable
+from llama3_sae.errors import RankZeroDecision
 from llama3_sae.dist import DistContext
 from llama3_sae.prefetch import Prefetcher
 from llama3_sae.sites import transcoder_site
@@ -296,20 +297,21 @@ class Trainer:
     def restore(self, path: Path) -> None:
         tensors, meta = ckpt.load_checkpoint(path)
         diffs = identity_differences(meta.get("identity", {}), self.cfg.identity())
+        refuse = RankZeroDecision  # every rank reads the same checkpoint: the job says it once
         if diffs:
-            raise ValueError(f"{path} was written by a run with different options ({diffs}). Re-run with the "
-                             "original options to resume, or pass --overwrite (or another --out) to start over.")
+            raise refuse(f"{path} was written by a run with different options ({diffs}). Re-run with the original "
+                         "options to resume, or pass --overwrite (or another --out) to start over.")
         recorded = meta.get("store_content")
         if recorded is not None and recorded != self.rows.fingerprint:
-            raise ValueError(f"{path} was trained on other data: the store at {self.rows.path} was rewritten since "
-                             "(its manifest lists other shards or hashes), and resuming would mix the two. Pass "
-                             "--overwrite (or another --out) to train on the new store from the start.")
+            raise refuse(f"{path} was trained on other data: the store at {self.rows.path} was rewritten since (its "
+                         "manifest lists other shards or hashes), and resuming would mix the two. Pass --overwrite "
+                         "(or another --out) to train on the new store from the start.")
         if meta["total_steps"] != self.total_steps:
-            raise ValueError(f"{path}: the run was planned for {meta['total_steps']} steps, this one for "
-                             f"{self.total_steps} (the store changed?); pass --overwrite to start over")
+            raise refuse(f"{path}: the run was planned for {meta['total_steps']} steps, this one for "
+                         f"{self.total_steps} (the store changed?); pass --overwrite to start over")
         if meta["global_batch"] != self.stream.global_batch:
-            raise ValueError(f"{path}: the run used a global batch of {meta['global_batch']} rows per step, this one "
-                             f"{self.stream.global_batch} (--batch-size x data-parallel ranks); keep it to resume")
+            raise refuse(f"{path}: the run used a global batch of {meta['global_batch']} rows per step, this one "
+                         f"{self.stream.global_batch} (--batch-size x data-parallel ranks); keep it to resume")
         layout = self.layout
         names = [n for n, _ in layout.parameters()]
         layout.load_full_state({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -334,7 +336,7 @@ class Trainer:
             decision = decide_out(self.out, self.cfg, root)
         decision = self.ctx.broadcast_object(decision)
         if decision[0] == "error":
-            raise ValueError(decision[1])
+            raise RankZeroDecision(decision[1])
         latest = decision[1] or None
         self.ctx.barrier()
         return Path(latest) if latest else None
