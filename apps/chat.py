@@ -1,7 +1,8 @@
 """``llama3-sae chat``: an interactive chat in the terminal, with history, the Llama 3 chat format,
 optional steering and a live panel of the top active SAE latents.
 
-Commands at the prompt: /steer SPEC [SPEC ...] (e.g. /steer 896=20), /unsteer [LATENT ...],
+Commands at the prompt: /steer SPEC [SPEC ...] [when CONDITION] (e.g. /steer 896=20, or /steer 896=20
+when 12>0.75 to steer only at the tokens where latent 12 is above 0.75), /unsteer [LATENT ...],
 /reset (forget the conversation), /help, /quit (or Ctrl-D). Ctrl-C stops a reply being generated.
 Without a terminal, lines are read from stdin and the replies printed plainly, one per line.
 """
@@ -23,6 +24,7 @@ from .engine import Engine, ModelOptions, SaeOptions, Sampling, SamplingOptions
 from .terminal import StreamView, describe_edit, make_console
 
 HELP = ("/steer SPEC [SPEC ...]  steer a latent (896=20 adds 20; 896:set=5, 896:zero, 896:clamp=0..8)\n"
+        "  ... when CONDITION     only where the condition holds (/steer 896=20 when 12>0.75 & 5<1)\n"
         "/unsteer [LATENT ...]   stop steering those latents (all when none given)\n"
         "/reset                  forget the conversation\n"
         "/help                   this text\n"
@@ -85,7 +87,8 @@ class ChatSession:
         elif name == "/steer":
             if not args:
                 raise ValueError("/steer needs at least one LATENT=VALUE")
-            new = self.engine.parse_edits(args)
+            specs, _, when = " ".join(args).partition(" when ")
+            new = self.engine.parse_edits(specs.split(), when.strip() or None)
             latents = {e.latent for e in new}
             self.edits = [e for e in self.edits if e.latent not in latents] + new
             self._show_steering()
@@ -107,7 +110,7 @@ class ChatSession:
 def run_chat(cfg: ChatConfig, console: Console | None = None, read: Callable[[str], str] | None = None) -> int:
     console = console or make_console()
     engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=1)
-    session = ChatSession(engine, cfg, console, engine.parse_edits(cfg.steer))
+    session = ChatSession(engine, cfg, console, engine.parse_edits(cfg.steer, cfg.steer_when))
     interactive = console.is_terminal and sys.stdin.isatty()
     if read is None:
         read = (lambda prompt: console.input(prompt)) if interactive else (lambda prompt: input())

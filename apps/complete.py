@@ -57,7 +57,7 @@ def run_complete(cfg: CompleteConfig, console: Console | None = None) -> list[st
     prompts = cfg.all_prompts()
     console = console or make_console()
     engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=len(prompts))
-    edits = engine.parse_edits(cfg.steer)
+    edits = engine.parse_edits(cfg.steer, cfg.steer_when)
     tokens = engine.encode_prompts(prompts, bos=cfg.bos)  # errors (too long, ...) before anything is drawn
     note = engine.bos_note(cfg.bos)
     if note:

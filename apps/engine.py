@@ -9,6 +9,7 @@ are shared, but steering is an argument of each call, never state on the SAE or 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from llama3.generation import Completion, Dialog
 from llama3.model import Site
 from llama3_sae.devices import DTYPES, DTypeName, resolve_device
 from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
+from sae.conditions import Condition
 from sae.config import input_site_of, resolve_bos
 
 from .latents import LatentCatalog
@@ -53,6 +55,9 @@ class SaeOptions:
     """A steering edit on an SAE latent: LATENT=VALUE adds VALUE to the latent (LATENT:add=V, LATENT:set=V,
     LATENT:zero and LATENT:clamp=MIN..MAX also work). Needs --sae. Repeat --steer for several edits; prompts
     may come before or after."""
+    steer_when: str | None = None
+    """Apply the --steer edits only at the tokens where this condition on the (unedited) latent activations
+    holds, e.g. "12>0.75" or "12>0.75 & 5<1 | 7>0"."""
     site: str | None = None
     """Hook site of the SAE (e.g. L15R) when its files do not say."""
     latents: int = 8
@@ -62,6 +67,10 @@ class SaeOptions:
         # Syntax and combination now, so a typo fails before the model loads; latent range once the SAE is read.
         for spec in self.steer:
             parse_steer(spec)
+        if self.steer_when is not None:
+            if not self.steer:
+                raise ValueError("--steer-when needs edits to condition: give --steer LATENT=VALUE too")
+            Condition.parse(self.steer_when)
         if self.steer and self.sae is None:
             raise ValueError("--steer needs an SAE: pass --sae SAE_DIR")
         if self.latents < 0:
@@ -200,11 +209,15 @@ class Engine:
     def n_latents(self) -> int:
         return self.sae.cfg.n_latents if self.sae is not None else 0
 
-    def parse_edits(self, specs: Sequence[str]) -> list[Edit]:
-        """``--steer`` specs -> Edits, with errors that name the spec and the valid latent range."""
+    def parse_edits(self, specs: Sequence[str], when: str | None = None) -> list[Edit]:
+        """``--steer`` specs (and a ``--steer-when`` condition for all of them) -> Edits, with errors that name
+        the spec and the valid latent range."""
         if specs and self.sae is None:
             raise ValueError("--steer needs an SAE: pass --sae SAE_DIR")
-        edits = [parse_steer(spec) for spec in specs]
+        condition = Condition.parse(when) if when else None
+        for latent in condition.latents if condition is not None else []:
+            self.catalog.check(latent, what=f"--steer-when {when!r}: latent")
+        edits = [dataclasses.replace(parse_steer(spec), when=condition) for spec in specs]
         for spec, edit in zip(specs, edits):
             self.catalog.check(edit.latent, what=f"--steer {spec!r}: latent")
         return edits
@@ -214,6 +227,8 @@ class Engine:
             if self.sae is None:
                 raise ValueError("steering needs an SAE, and none is loaded")
             self.catalog.check(e.latent)
+            for latent in e.when.latents if e.when is not None else []:
+                self.catalog.check(latent, what="condition latent")
 
     @property
     def default_bos(self) -> bool:
@@ -241,6 +256,44 @@ class Engine:
         tokens = [self.llm.tokenizer.encode(p, bos=bos, eos=False) for p in prompts]
         self.check_tokens(tokens)
         return tokens
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of any number of texts to read (not to complete: no batch limit), each cut to the
+        context."""
+        bos = self.default_bos
+        out = []
+        for i, t in enumerate(texts):
+            ids = self.llm.tokenizer.encode(t, bos=bos, eos=False)[: self.max_seq_len]
+            if not ids:
+                raise ValueError(f"text {i + 1} is empty")
+            out.append(ids)
+        return out
+
+    def mean_codes(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+        """[n, n_latents]: each sequence's mean activation of every latent over its tokens (the first token
+        left out when the SAE was trained without first-token rows: it is an attention sink)."""
+        if self.sae is None:
+            raise ValueError("latent activations need an SAE, and none is loaded")
+        model = self.llm.model
+        device = model.tok_embeddings.weight.device
+        skip = 1 if self.sae.cfg.first_token_excluded is not False else 0
+        key = input_site_of(self.site)
+        out = []
+        with self._lock, torch.inference_mode(), model.hooks([self.site], None):
+            for i in range(0, len(sequences), batch_size):
+                part = sequences[i:i + batch_size]
+                longest = max(len(s) for s in part)
+                ids = torch.zeros(len(part), longest, dtype=torch.long, device=device)
+                keep = torch.zeros(len(part), longest, dtype=torch.bool, device=device)
+                for r, s in enumerate(part):
+                    ids[r, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+                    keep[r, min(skip, len(s) - 1):len(s)] = True
+                acts = model.forward_activations(ids)[key].float()
+                B, T, d = acts.shape
+                h = self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1)
+                h = h * keep[..., None]
+                out.append((h.sum(1) / keep.sum(1, keepdim=True)).cpu())
+        return torch.cat(out)
 
     def encode_dialog(self, dialog: Dialog) -> list[int]:
         tokens = self.llm.formatter.encode_dialog_prompt(list(dialog))
@@ -338,11 +391,7 @@ class Engine:
         with self._lock, torch.inference_mode(), model.hooks([self.site], None):
             acts = model.forward_activations(ids)[key].float()  # [B, T, d]
             B, T, d = acts.shape
-            h = self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1)
-            for e in edits:
-                rows = list(range(B)) if e.rows is None else [r for r in e.rows if r < B]
-                if rows:
-                    h[rows, :, e.latent] = e.apply(h[rows, :, e.latent])
+            h = apply_edits(self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1), edits)
             col = h[:, :, latent].cpu()
         return [col[i, :len(s)].tolist() for i, s in enumerate(sequences)]
 
@@ -361,13 +410,19 @@ class Engine:
 
 
 def apply_edits(h: torch.Tensor, edits: Sequence[Edit]) -> torch.Tensor:
-    """Apply ``edits`` to dense codes h [B, n_latents] (rows as in steer_fn), in place; returns h."""
+    """Apply ``edits`` to dense codes h [B, ..., n_latents] as steer_fn applies them (rows of the first
+    dimension; conditions read the unedited codes), in place; returns h."""
     B = h.shape[0]
+    original = h.clone() if any(e.when is not None for e in edits) else h
     for e in edits:
         rows = list(range(B)) if e.rows is None else [r for r in e.rows if r < B]
         if not rows:
             continue
-        h[rows, e.latent] = e.apply(h[rows, e.latent])
+        edited = e.apply(h[rows, ..., e.latent])
+        if e.when is not None:
+            holds = e.when.holds(lambda latent: original[rows, ..., latent])
+            edited = torch.where(holds, edited, h[rows, ..., e.latent])
+        h[rows, ..., e.latent] = edited
     return h
 
 

@@ -157,11 +157,22 @@ def tokens_html(tokens: Sequence[str], values: Sequence[float], peak: float, *, 
     return "".join(out)
 
 
-def _doc_html(doc: DocExample, peak: float) -> str:
+def dense_values(doc: DocExample) -> list[float]:
+    """The latent's activation at every token of an example (0 where it did not fire)."""
     values = [0.0] * len(doc.tokens)
     for p, v in doc.acts:
         if p < len(values):
             values[p] = v
+    return values
+
+
+def page_peak(page: LatentPage, top_n: int) -> float:
+    """The activation that gets the darkest shade: the latent's largest over the pass."""
+    return float(page.stats.get("max") or 0.0) or max((d.max_act for d in page.top_examples(top_n)), default=1.0)
+
+
+def _doc_html(doc: DocExample, peak: float) -> str:
+    values = dense_values(doc)
     start, end = window(doc)
     return (f'<div class="example" data-doc="{doc.doc}"><span class="act">{doc.max_act:.2f}</span> '
             f"{tokens_html(doc.tokens, values, peak, start=start, end=end)}</div>")
@@ -178,7 +189,7 @@ PAGE_CSS = """
 
 def page_html(page: LatentPage, *, top_n: int = 10, per_bin: int = 2) -> str:
     info = page.info
-    peak = float(page.stats.get("max") or 0.0) or max((d.max_act for d in page.top_examples(top_n)), default=1.0)
+    peak = page_peak(page, top_n)
     head = [f'<div class="latent-page" data-latent="{page.latent}"><h3>Latent {page.latent} · '
             f"{html.escape(info.label)}</h3><p>"]
     if info.certainty is not None:
@@ -225,10 +236,7 @@ def _tokens_text(tokens: Sequence[str], values: Sequence[float], peak: float, st
 
 
 def _doc_text(doc: DocExample, peak: float) -> Text:
-    values = [0.0] * len(doc.tokens)
-    for p, v in doc.acts:
-        if p < len(values):
-            values[p] = v
+    values = dense_values(doc)
     start, end = window(doc)
     line = Text(f"{doc.max_act:6.2f}  ", style="dim")
     line.append_text(_tokens_text(doc.tokens, values, peak, start, end))
@@ -237,7 +245,7 @@ def _doc_text(doc: DocExample, peak: float) -> Text:
 
 def page_rich(page: LatentPage, *, top_n: int = 10, per_bin: int = 2) -> Group:
     info = page.info
-    peak = float(page.stats.get("max") or 0.0) or max((d.max_act for d in page.top_examples(top_n)), default=1.0)
+    peak = page_peak(page, top_n)
     parts: list[Any] = [Text(f"Latent {page.latent} · {info.label}", style="bold")]
     meta = []
     if info.certainty is not None:

@@ -31,7 +31,8 @@ def describe_edit(edit: Edit, catalog: LatentCatalog | None = None) -> str:
     label = ""
     if catalog is not None and edit.latent < catalog.n_latents and catalog.label(edit.latent) != UNLABELLED:
         label = f" ({catalog.label(edit.latent)})"
-    return f"latent {edit.latent} {what}{label}"
+    when = f" where {edit.when}" if edit.when is not None else ""
+    return f"latent {edit.latent} {what}{label}{when}"
 
 
 class StreamView:

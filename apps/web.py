@@ -148,6 +148,8 @@ def _steering_panel(gr: Any, app: WebApp, cfg: UiConfig) -> dict[str, Any]:
         out["add"] = gr.Button("Add as slider", elem_id="add-latent")
         out["open"] = gr.Button("Open its page", elem_id="open-latent")
     out["summary"] = gr.Markdown(app.steering_summary(SessionState()), elem_id="steering-summary")
+    out["when"] = gr.Textbox(label="steer only where (e.g. 12>0.75 & 5<1; empty: at every token)",
+                             elem_id="steer-when")
     rows, sliders, values, removes = [], [], [], []
     for i in range(cfg.steer_slots):
         with gr.Row(visible=False) as row:
@@ -256,6 +258,16 @@ def _wire_steering(gr: Any, app: WebApp, p: Page, n_slots: int) -> list[Any]:
         return result(st, "Steering cleared.")
 
     p.clear.click(do_clear, [p.state], outputs, api_name="clear_steering")
+
+    def on_when(st: SessionState, text: str):
+        try:
+            message = app.set_condition(st, text)
+        except ValueError as e:
+            message = _fail(gr, e)
+        return result(st, message)
+
+    p.when.submit(on_when, [p.state, p.when], outputs, api_name="set_condition")
+    p.when.blur(on_when, [p.state, p.when], outputs, api_visibility="private")
 
     def add_from(st: SessionState, latent: Any):
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from sae import Edit
+from sae.conditions import Condition
 
 from .attribution import attribute
 from .engine import Engine, ModelOptions, Sampling, check_sampling
@@ -160,9 +161,11 @@ class SessionState:
     attr_latents: list[int] = field(default_factory=list)
     """Latent of each attribution row (for its open and steer buttons)."""
     chat: list[dict[str, str]] = field(default_factory=list)
+    when: Condition | None = None
+    """Steer only at the tokens where this holds (None: everywhere)."""
 
     def edits(self) -> list[Edit]:
-        return [Edit(latent, "add", value) for latent, value in self.steer.items() if value != 0]
+        return [Edit(latent, "add", value, when=self.when) for latent, value in self.steer.items() if value != 0]
 
 
 def md_escape(text: str) -> str:
@@ -257,6 +260,19 @@ class WebApp:
         if latent is not None:
             del state.steer[latent]
 
+    def set_condition(self, state: SessionState, text: str | None) -> str:
+        """Steer only where ``text`` (e.g. ``12>0.75 & 5<1``) holds; empty: everywhere. A condition that does
+        not parse or names a latent the SAE lacks is refused (ValueError) and the old one stays."""
+        text = (text or "").strip()
+        if not text:
+            state.when = None
+            return "steering applies at every token"
+        condition = Condition.parse(text)
+        for latent in condition.latents:
+            self.catalog.check(latent, what="the condition's latent")
+        state.when = condition
+        return f"steering applies only where {condition}"
+
     def search(self, query: str) -> list[tuple[str, str]]:
         hits = self.catalog.search(query or "", limit=30) if self.engine.sae is not None else []
         return [(f"{h.latent} · {h.label}", str(h.latent)) for h in hits]
@@ -264,7 +280,8 @@ class WebApp:
     def steering_summary(self, state: SessionState) -> str:
         if not state.steer:
             return "No latents steered: search for one above (or click a row of the latents table)."
-        return "Applied: " + "; ".join(f"latent {k} {v:+g}" for k, v in state.steer.items())
+        where = f" (only where {state.when})" if state.when is not None else ""
+        return "Applied: " + "; ".join(f"latent {k} {v:+g}" for k, v in state.steer.items()) + where
 
     # ------------------------------------------------------------------ generation
     def generate(self, state: SessionState, prompts_text: str, sampling: Sampling) -> Iterator[dict[str, Any]]:

@@ -20,6 +20,7 @@ import torch
 
 from llama3_sae.sites import parse_site, site_name
 
+from .conditions import Condition
 from .model import SparseAutoencoder
 
 SaeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -36,6 +37,8 @@ class Edit:
 
     add: h + value; set: value; clamp: clamp(h, min, max); zero: 0.
     rows: batch rows it applies to (None: every row). Edits apply in the order given.
+    when: a ``Condition`` on the unedited activations (``12>0.75``): the edit applies only at the
+    positions where it holds (None: everywhere).
     """
 
     latent: int
@@ -44,6 +47,7 @@ class Edit:
     min: float | None = None
     max: float | None = None
     rows: tuple[int, ...] | None = None
+    when: Condition | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.latent, int) or isinstance(self.latent, bool) or self.latent < 0:
@@ -79,7 +83,7 @@ class Edit:
         return values.clamp(min=self.min, max=self.max)
 
     @classmethod
-    def parse(cls, spec: str, rows: Sequence[int] | None = None) -> "Edit":
+    def parse(cls, spec: str, rows: Sequence[int] | None = None, when: Condition | None = None) -> "Edit":
         """Command-line form: ``896=20`` (add 20, the seed's steering), ``896:add=20``, ``896:set=5``,
         ``896:zero``, ``896:clamp=0..8`` (either bound may be left out: ``896:clamp=..8``)."""
         m = _SPEC.match(spec.strip())
@@ -92,15 +96,16 @@ class Edit:
             if op == "zero":
                 if arg is not None:
                     raise ValueError
-                return cls(latent, "zero", rows=rows)
+                return cls(latent, "zero", rows=rows, when=when)
             if arg is None:
                 raise ValueError
             if op == "clamp":
                 lo, sep, hi = arg.partition("..")
                 if not sep:
                     raise ValueError
-                return cls(latent, "clamp", min=float(lo) if lo else None, max=float(hi) if hi else None, rows=rows)
-            return cls(latent, op, value=float(arg), rows=rows)
+                return cls(latent, "clamp", min=float(lo) if lo else None, max=float(hi) if hi else None, rows=rows,
+                           when=when)
+            return cls(latent, op, value=float(arg), rows=rows, when=when)
         except ValueError as e:
             if str(e):
                 raise
@@ -137,11 +142,15 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
     for e in edits:
         if not isinstance(e, Edit):
             raise ValueError(f"edits must be sae.Edit objects, got {type(e).__name__}")
-        if e.latent >= sae.cfg.n_latents:
-            raise ValueError(f"edit on latent {e.latent}, but this SAE has latents 0..{sae.cfg.n_latents - 1}")
+        for latent in [e.latent, *(e.when.latents if e.when is not None else [])]:
+            if latent >= sae.cfg.n_latents:
+                raise ValueError(f"edit on latent {e.latent} reads latent {latent}, but this SAE has latents "
+                                 f"0..{sae.cfg.n_latents - 1}")
     if not edits:
         return _keep_mlp if sae.cfg.is_transcoder else _identity
-    latents = sorted({e.latent for e in edits})
+    edited = sorted({e.latent for e in edits})
+    # The columns of h: the edited latents, then the ones only conditions read.
+    latents = edited + sorted({lat for e in edits if e.when is not None for lat in e.when.latents} - set(edited))
     column = {latent: j for j, latent in enumerate(latents)}
 
     def fn(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,10 +166,11 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
         xn, stats = sae.normalize(flat)
         code = sae.code_normalized(xn)
         lat = torch.tensor(latents, device=x.device)
-        # Current activations of the edited latents, h [N, E].
+        # Current activations of the edited (and condition) latents, h [N, E].
         hit = code.indices[:, :, None] == lat  # [N, m, E]
         h = (code.values.float()[:, :, None] * hit).sum(1)
         new = h.clone()
+        original = lambda latent: h[:, column[latent]]  # noqa: E731 (what conditions read: the unedited code)
         row_of_token = torch.arange(B, device=x.device).repeat_interleave(flat.shape[0] // B)
         for e in edits:
             j = column[e.latent]
@@ -168,11 +178,13 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
                 sel = torch.ones_like(row_of_token, dtype=torch.bool)
             else:
                 sel = torch.isin(row_of_token, torch.tensor(e.rows, device=x.device))
+            if e.when is not None:
+                sel = sel & e.when.holds(original)
             cur = new[:, j]
             new[:, j] = torch.where(sel, e.apply(cur), cur)
-        delta_h = new - h  # [N, E]
+        delta_h = (new - h)[:, :len(edited)]  # [N, E]; condition-only columns never change
         changed = (delta_h != 0).any(1)  # no host sync here: generation calls this every step
-        w = sae.W_dec[lat].float()  # [E, d]
+        w = sae.W_dec[lat[:len(edited)]].float()  # [E, d]
         delta_n = delta_h @ w  # normalised space; the bias cancels in the difference
         delta = delta_n / stats.out_scale if sae.cfg.normalization != "none" else delta_n
         flat_base = base.reshape(flat.shape)

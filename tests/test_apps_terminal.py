@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("llama_models")
 
-from apps_support import build_env, strip_ansi, subprocess_env  # noqa: E402
+from apps_support import N_LATENTS, build_env, strip_ansi, subprocess_env  # noqa: E402
 
 from apps.cli import main  # noqa: E402
 from apps.engine import Engine, ModelOptions, Sampling  # noqa: E402
 from sae import Edit  # noqa: E402
+from sae.conditions import Condition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,6 +57,12 @@ def test_edits_may_come_before_between_or_after_the_prompts(env, engine, capsys)
     ref = engine.complete(PROMPTS, Sampling(0.0, 0.9, None, 6), [Edit(3, "add", 40.0), Edit(5, "add", -2.0)])
     assert captured.out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in enumerate(zip(PROMPTS, ref), 1)]
     assert "--dtype is deprecated" in captured.err and "use --model-dtype" in captured.err
+    # --steer-when: the same edits, only where latent 5 fires.
+    assert main(["complete", *args, *PROMPTS, "--steer", "3=40", "--steer-when", "5>0"]) == 0
+    when = Condition.parse("5>0")
+    ref = engine.complete(PROMPTS, Sampling(0.0, 0.9, None, 6), [Edit(3, "add", 40.0, when=when)])
+    assert capsys.readouterr().out.splitlines() == [f"[{i}] {p}{c.text}" for i, (p, c) in
+                                                    enumerate(zip(PROMPTS, ref), 1)]
 
 
 def test_prompts_from_stdin_one_per_line(env, engine, capsys, monkeypatch):
@@ -136,17 +143,27 @@ def test_chat_without_a_terminal_reads_lines(env, engine, capsys):
     from apps.chat import ChatConfig, run_chat
     from apps.terminal import make_console
 
-    lines = iter(["Hi there", "/reset", "Hi there", "/steer 3=40", "Hi there", "/unsteer", "/bogus", "/quit"])
+    sampling = Sampling(0.0, 0.9, None, 5)
+    hi = [{"role": "user", "content": "Hi there"}]
+    reply, steered = _chat(engine, hi, sampling), _chat(engine, hi, sampling, [Edit(3, "add", 40.0)])
+    # A condition that holds at some tokens only: its reply differs from both.
+    for latent in range(N_LATENTS):
+        when = Condition.parse(f"{latent}>0")
+        conditional = _chat(engine, hi, sampling, [Edit(3, "add", 40.0, when=when)])
+        if conditional not in (reply, steered):
+            break
+    else:
+        pytest.fail("no latent of the test SAE gates the edit at some tokens only")
+    lines = iter(["Hi there", "/reset", "Hi there", "/steer 3=40", "Hi there", "/unsteer", "/bogus", "/reset",
+                  f"/steer 3=40 when {latent}>0", "Hi there", "/quit"])
     cfg = ChatConfig(ckpt_dir=env.ckpt, sae=env.sae, device="cpu", model_dtype="fp32", temperature=0.0, max_new_tokens=5)
     assert run_chat(cfg, console=make_console(), read=lambda prompt: next(lines)) == 0
     out = capsys.readouterr().out
-    sampling = Sampling(0.0, 0.9, None, 5)
-    reply = _chat(engine, [{"role": "user", "content": "Hi there"}], sampling)
-    steered = _chat(engine, [{"role": "user", "content": "Hi there"}], sampling, [Edit(3, "add", 40.0)])
     assert reply != steered
     # /reset: the second answer does not see the first, so it is the same; then one steered answer.
-    assert out.count("assistant: ") == 3 and out.count(f"assistant: {reply}\n") == 2
-    assert f"assistant: {steered}\n" in out
+    assert out.count("assistant: ") == 4 and out.count(f"assistant: {reply}\n") == 2
+    assert f"assistant: {steered}\n" in out and out.rstrip().endswith(f"assistant: {conditional}")
+    assert f"where {latent}>0" in out
     assert "conversation cleared" in out and "steering: off" in out and "unknown command '/bogus'" in out
 
 

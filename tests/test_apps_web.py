@@ -137,6 +137,25 @@ def test_a_value_beyond_the_slider_widens_it_and_a_bad_one_changes_nothing(app):
         assert st.steer[3] == 6 * bound
 
 
+def test_conditional_steering_in_the_app_is_the_engines(app, engine):
+    from sae.conditions import Condition
+
+    st = SessionState()
+    app.add_latent(st, 3, 40.0)
+    assert "only where 5>0" in app.set_condition(st, "5>0") and "only where 5>0" in app.steering_summary(st)
+    out = _drain(app.generate(st, "Hello", GREEDY))
+    tokens = engine.encode_prompts(["Hello"])[0]
+    assert out["steered"] == "Hello" + _as_the_app_runs_it(engine, tokens, [Edit(3, "add", 40.0,
+                                                                                 when=Condition.parse("5>0"))])[1]
+    with pytest.raises(ValueError, match="LATENT OP VALUE"):
+        app.set_condition(st, "5 >> 0")
+    with pytest.raises(ValueError, match="out of range"):
+        app.set_condition(st, "500>0")
+    assert str(st.when) == "5>0"  # a refused condition leaves the old one
+    app.set_condition(st, "")
+    assert st.when is None and st.edits() == [Edit(3, "add", 40.0)]
+
+
 def test_token_view_values_are_the_latents_activations(app, engine, env):
     """The shading of each token is the SAE's activation of the highlighted latent there, computed here
     position by position from the model's stored activations; steered rows have the edit on top."""
