@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("apps.chat", "main_chat", "interactive chat in the terminal, with steering and the active latents"),
     "ui": ("apps.web", "main_ui", "the web app (Gradio): steer with sliders, latent pages, attribute outputs to latents"),
     "latent": ("apps.latent", "main_latent", "a latent's page in the terminal: examples, density, output tokens"),
+    "contrast": ("apps.contrast", "main_contrast",
+                 "the latents that most separate two sets of texts (Welch's t), or a text from the corpus"),
     "capture": ("capture.cli", "main_capture",
                 "store activations at hook sites for a text or chat dataset (torchrun -m capture for several GPUs)"),
     "preprocess": ("capture.cli", "main_preprocess", "statistics and a global shuffle of an activation store"),

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from interpret.records import EXAMPLES_FILE, EXAMPLES_META, LatentExamples
 from sae.io import read_latents
 
@@ -57,6 +59,16 @@ class LatentCatalog:
         sae_dir = Path(sae_dir)
         index = ExamplesIndex.scan(sae_dir)
         return cls(n_latents, read_latents(sae_dir), index.max_acts if index else {}, index)
+
+    def mean_acts_tensor(self) -> torch.Tensor | None:
+        """[n_latents] per-token mean activation of every latent over the top-examples pass (None without it)."""
+        if self._examples is None:
+            return None
+        out = torch.zeros(self.n_latents, dtype=torch.float64)
+        for latent, v in self._examples.mean_acts.items():
+            if 0 <= latent < self.n_latents:
+                out[latent] = v
+        return out
 
     def examples(self, latent: int) -> LatentExamples | None:
         """The latent's record of ``top_examples.jsonl`` (None without a finished top-examples run)."""
@@ -135,6 +147,8 @@ class ExamplesIndex:
     path: Path
     offsets: dict[int, int]
     max_acts: dict[int, float]
+    mean_acts: dict[int, float]
+    """Per-token mean activation over the pass (stats sum / tokens): the corpus baseline of contrast."""
 
     @classmethod
     def scan(cls, sae_dir: Path) -> ExamplesIndex | None:
@@ -150,6 +164,7 @@ class ExamplesIndex:
             return None
         offsets: dict[int, int] = {}
         max_acts: dict[int, float] = {}
+        mean_acts: dict[int, float] = {}
         with open(path, "rb") as f:
             offset = 0
             for lineno, raw in enumerate(f, 1):
@@ -161,11 +176,14 @@ class ExamplesIndex:
                                      "`llama3-sae top-examples`")
                 index = int(latent.group(1))
                 offsets[index] = offset
-                value = json.loads(m.group(1)).get("max")
+                stats = json.loads(m.group(1))
+                value = stats.get("max")
                 if isinstance(value, (int, float)) and value > 0:
                     max_acts[index] = float(value)
+                if stats.get("tokens"):
+                    mean_acts[index] = float(stats.get("sum", 0.0)) / float(stats["tokens"])
                 offset += len(raw)
-        return cls(path, offsets, max_acts)
+        return cls(path, offsets, max_acts, mean_acts)
 
     def read(self, latent: int) -> LatentExamples | None:
         offset = self.offsets.get(latent)

@@ -124,6 +124,23 @@ def _chat_tab(gr: Any) -> dict[str, Any]:
     return out
 
 
+def _contrast_tab(gr: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with gr.Row():
+        out["con_a"] = gr.Textbox(lines=5, label="set A (one text per line)", elem_id="contrast-a")
+        out["con_b"] = gr.Textbox(lines=5, label="set B (one per line; empty: compare A with the corpus)",
+                                  elem_id="contrast-b")
+    with gr.Row():
+        out["con_query"] = gr.Textbox(label="rerank by label words (optional)", elem_id="contrast-query", scale=3)
+        out["con_dir"] = gr.Radio([("stronger in A", "a"), ("stronger in B", "b"), ("either", "both")], value="a",
+                                  label="latents", elem_id="contrast-direction", scale=2)
+        out["con_btn"] = gr.Button("Contrast", variant="primary", elem_id="contrast-btn", scale=1)
+    out["con_summary"] = gr.Markdown("", elem_id="contrast-summary")
+    out["con_table"] = gr.Dataframe(headers=["latent", "label", "mean A", "mean B (or corpus)", "t (or lift)",
+                                             "p adj"], interactive=False, elem_id="contrast-table")
+    return out
+
+
 def _latent_tab(gr: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with gr.Row():
@@ -175,6 +192,8 @@ def _layout(gr: Any, app: WebApp, cfg: UiConfig) -> Page:
                     c.update(_text_tab(gr, cfg, has_sae))
                 with gr.Tab("Chat", id="chat"):
                     c.update(_chat_tab(gr))
+                with gr.Tab("Contrast", id="contrast", visible=has_sae):
+                    c.update(_contrast_tab(gr))
                 with gr.Tab("Latent", id="latent", visible=has_sae):
                     c.update(_latent_tab(gr))
         with gr.Column(scale=2, visible=has_sae):
@@ -309,6 +328,15 @@ def _wire_pages(gr: Any, app: WebApp, p: Page) -> None:
     # leave as a string it cannot resolve.
     on_table_select.__annotations__["evt"] = gr.SelectData
     p.table.select(on_table_select, [p.state], outputs, api_visibility="private")
+
+    def on_contrast_select(st: SessionState, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+        if not 0 <= row < len(st.contrast_latents):
+            return gr.skip(), gr.skip(), gr.skip(), ""
+        return show(st.contrast_latents[row])
+
+    on_contrast_select.__annotations__["evt"] = gr.SelectData
+    p.con_table.select(on_contrast_select, [p.state], outputs, api_visibility="private")
     for j in range(N_ATTR):
         def on_attr_open(st: SessionState, j: int = j):
             return show(st.attr_latents[j]) if j < len(st.attr_latents) else (gr.skip(),) * 3 + ("",)
@@ -395,6 +423,16 @@ def _wire_model(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
         for j in range(N_ATTR):
             updates += [gr.update(visible=True), rows[j][1]] if j < len(rows) else [gr.update(visible=False), ""]
         return [st, "Attribution done.", summary] + updates
+
+    def do_contrast(st: SessionState, a: str, b: str, query: str, direction: str):
+        try:
+            summary, rows = app.contrast(st, a, b, query, direction or "a")
+        except ValueError as e:
+            return st, gr.skip(), gr.skip(), _fail(gr, e)
+        return st, summary, rows, "Contrast done."
+
+    p.con_btn.click(do_contrast, [p.state, p.con_a, p.con_b, p.con_query, p.con_dir],
+                    [p.state, p.con_summary, p.con_table, p.status], api_name="contrast", **queue)
 
     attr_outputs = [p.state, p.status, p.attr_summary] + [x for pair in zip(p.attr_rows, p.attr_texts) for x in pair]
     p.attr_btn.click(do_attribute, [p.state, p.attr_token, p.attr_by], attr_outputs, api_name="attribute", **queue)

@@ -21,6 +21,7 @@ from sae import Edit
 from sae.conditions import Condition
 
 from .attribution import attribute
+from .contrast import run_contrast
 from .engine import Engine, ModelOptions, Sampling, check_sampling
 from .latent_page import build_page, page_html, tokens_html
 from .latents import UNLABELLED
@@ -161,6 +162,8 @@ class SessionState:
     attr_latents: list[int] = field(default_factory=list)
     """Latent of each attribution row (for its open and steer buttons)."""
     chat: list[dict[str, str]] = field(default_factory=list)
+    contrast_latents: list[int] = field(default_factory=list)
+    """Latent of each row of the contrast table."""
     when: Condition | None = None
     """Steer only at the tokens where this holds (None: everywhere)."""
 
@@ -427,6 +430,27 @@ class WebApp:
         state.chat = [*dialog, {"role": "assistant", "content": replies[-1]}]
         yield {"chat": copy.deepcopy(state.chat), "status": "Done.",
                "unsteered": replies[0] if edits else "(nothing steered: the reply above is the unsteered one)"}
+
+    # ------------------------------------------------------------------ contrast
+    def contrast(self, state: SessionState, a_text: str, b_text: str, query: str = "", direction: str = "a",
+                 top: int = 20) -> tuple[str, list[list[Any]]]:
+        """(summary, table rows) of the latents that separate the lines of ``a_text`` from those of ``b_text``
+        (empty B: from the corpus baseline)."""
+        if self.engine.sae is None:
+            raise ValueError("contrast needs an SAE: start the app with --sae SAE_DIR")
+        a, b = parse_prompts(a_text), parse_prompts(b_text)
+        rows = run_contrast(self.engine, a, b, query=query or None, direction=direction, top=top)
+        state.contrast_latents = [r.latent for r in rows]
+        if b:
+            table = [[r.latent, self.catalog.label(r.latent), round(r.mean_a, 4), round(r.mean_b, 4), round(r.t, 2),
+                      float(f"{r.p_adjusted:.2g}")] for r in rows]
+            what = f"{len(a)} texts in A vs {len(b)} in B, by Welch's t (p Bonferroni-adjusted)"
+        else:
+            table = [[r.latent, self.catalog.label(r.latent), round(r.mean, 4), round(r.baseline, 4),
+                      round(r.lift, 4), None] for r in rows]
+            what = f"{len(a)} text(s) against the corpus baseline, by lift of the mean activation"
+        return what + (f", reranked by labels matching {md_escape(query)!s}" if query else "") + \
+            ". Click a row for its page.", table
 
     # ------------------------------------------------------------------ latent pages
     def latent_page(self, latent: Any) -> str:

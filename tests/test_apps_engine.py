@@ -324,3 +324,35 @@ def test_latent_command_prints_the_page(env, capsys):
     assert f"Latent {latent}" in out and "Top examples" in out and "fires on" in out and "promotes" not in out
     assert main(["latent", "--sae", str(env.sae), "--no-output-tokens", "--device", "cpu", "999"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- contrast
+def test_mean_codes_and_contrast_through_the_model(engine, env, tmp_path, capsys):
+    """Each text's mean code is computed here token by token from the stored activations (first token left
+    out, as the SAE was trained); the contrast of two sets is Welch's t of those means."""
+    from apps.contrast import run_contrast
+    from apps.cli import main
+    from sae.contrast import contrast
+
+    a = ["It rained all night and the streets flooded.", "Heavy rain and thunder rolled over the hills.",
+         "The storm brought rain, wind and hail."]
+    b = ["The striker scored twice in the second half.", "The goalkeeper saved a penalty in the final.",
+         "Fans sang as the team lifted the cup."]
+    ids = engine.encode_texts(a + b)
+    means = engine.mean_codes(ids, batch_size=4)  # batches of 4: padding must not leak into the means
+    for i, seq in enumerate(ids):
+        acts = _site_acts(engine, seq)[1:]
+        ref = engine.sae.encode(acts).float().mean(0)
+        torch.testing.assert_close(means[i], ref, rtol=1e-4, atol=1e-5)
+    rows = run_contrast(engine, a, b, top=5)
+    assert [r.latent for r in rows] == [r.latent for r in contrast(means[:3], means[3:], top=5)]
+    # One text against the corpus baseline of the top-examples pass.
+    lifts = run_contrast(engine, a[:1], [], top=3)
+    baseline = engine.catalog.mean_acts_tensor()
+    assert lifts and lifts[0].baseline == pytest.approx(float(baseline[lifts[0].latent]))
+    (tmp_path / "a.txt").write_text("\n".join(a))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in b))
+    assert main(["contrast", "--sae", str(env.sae), "--ckpt-dir", str(env.ckpt), "--device", "cpu", "--model-dtype",
+                 "fp32", "--a", str(tmp_path / "a.txt"), "--b", str(tmp_path / "b.jsonl"), "--top", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["latent"] for r in printed] == [r.latent for r in rows] and "label" in printed[0]

@@ -156,6 +156,20 @@ def test_conditional_steering_in_the_app_is_the_engines(app, engine):
     assert st.when is None and st.edits() == [Edit(3, "add", 40.0)]
 
 
+def test_contrast_in_the_app_is_the_commands(app, engine):
+    from apps.contrast import run_contrast
+
+    st = SessionState()
+    a, b = "It rained all night.\nThe storm brought hail.", "The striker scored.\nThe keeper saved a penalty."
+    summary, rows = app.contrast(st, a, b)
+    ref = run_contrast(engine, a.splitlines(), b.splitlines())
+    assert [r[0] for r in rows] == [r.latent for r in ref] == st.contrast_latents and "Welch" in summary
+    summary, rows = app.contrast(st, a, "")
+    assert "corpus baseline" in summary and rows
+    with pytest.raises(ValueError, match="set A is empty"):
+        app.contrast(st, "", b)
+
+
 def test_token_view_values_are_the_latents_activations(app, engine, env):
     """The shading of each token is the SAE's activation of the highlighted latent there, computed here
     position by position from the model's stored activations; steered rows have the edit on top."""
