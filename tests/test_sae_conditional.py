@@ -117,3 +117,37 @@ def test_contrast_finds_the_planted_latent_and_its_significance():
     assert [r.latent for r in rerank_by_query(rows[:3], labels, "rain")][:1] in ([7], [11])
     with pytest.raises(ValueError, match="at least 2 texts"):
         contrast(a[:1], b)
+
+
+# --------------------------------------------------------------------------- feature geometry
+def test_geometry_finds_matched_split_and_novel_latents_of_planted_saes(tmp_path):
+    """A's 20 directions are known; B holds 12 of them again (matched), splits 3 of them into two halves
+    each (the direction tilted either way), and 6 random ones (novel)."""
+    from apps.cli import main
+    from sae.geometry import match_latents
+
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))  # orthonormal directions: a clean reference
+    a = q[:20]
+    tilt = q[40:43]
+    splits = [a[12 + i] * 0.8 + s * 0.6 * tilt[i] for i in range(3) for s in (1, -1)]
+    b = torch.cat([a[:12], torch.stack(splits), q[50:56]])
+    m = match_latents(a * 3.0, b * 0.5)  # row norms do not matter, only directions
+    assert m.kind == ["matched"] * 12 + ["split"] * 6 + ["novel"] * 6
+    assert m.splits == {12: [12, 13], 13: [14, 15], 14: [16, 17]}
+    assert m.best[:12].tolist() == list(range(12)) and torch.allclose(m.cosine[12:18], torch.tensor(0.8))
+    # The command: both SAEs on disk, a report and a map.
+    for name, dec in (("a", a), ("b", b)):
+        sae = SparseAutoencoder(SAEConfig(d_model=d, n_latents=dec.shape[0], k=4, site=SITE), seed=0)
+        with torch.no_grad():
+            sae.W_dec.copy_(dec)
+        sae.save(tmp_path / name)
+    assert main(["geometry", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--out", str(tmp_path / "g")]) == 0
+    import json
+
+    rep = json.loads((tmp_path / "g" / "geometry.json").read_text())
+    assert rep["counts"] == {"matched": 12, "split": 6, "near": 0, "novel": 6}
+    assert [s["a"] for s in rep["splits"]] == [12, 13, 14]
+    if rep.get("map"):
+        assert (tmp_path / "g" / "geometry.png").stat().st_size > 0
