@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("apps.chat", "main_chat", "interactive chat in the terminal, with steering and the active latents"),
     "ui": ("apps.web", "main_ui", "the web app (Gradio): steer with sliders, latent pages, attribute outputs to latents"),
     "latent": ("apps.latent", "main_latent", "a latent's page in the terminal: examples, density, output tokens"),
+    "export-dashboard": ("apps.dashboard", "main_export_dashboard",
+                         "feature dashboards: Neuronpedia batch files and a static site that opens from disk"),
     "geometry": ("apps.geometry", "main_geometry",
                  "match the latents of two SAEs by decoder cosine: matched, split and novel latents, a 2-D map"),
     "contrast": ("apps.contrast", "main_contrast",

@@ -34,13 +34,19 @@ class OutputTokens:
     negative: list[tuple[str, float]]
 
 
-def output_tokens(sae: Any, model: Any, tokenizer: Any, latent: int, k: int = 10) -> OutputTokens:
-    """W_dec[latent] (the direction the latent writes at its site) scaled by the final RMSNorm's weight and
-    projected on the unembedding: each token's logit change per unit of the direction, up to the norm's
-    1/rms. Negative logits are the tokens it suppresses."""
+def decoder_logits(sae: Any, model: Any, latent: int) -> torch.Tensor:
+    """[vocab] W_dec[latent] (the direction the latent writes at its site) scaled by the final RMSNorm's
+    weight and projected on the unembedding: each token's logit change per unit of the direction, up to
+    the norm's 1/rms."""
     with torch.no_grad():
         direction = sae.W_dec[latent].float().to(model.output.weight.device)
-        logits = model.output.weight.float() @ (direction * model.norm.weight.float())
+        return (model.output.weight.float() @ (direction * model.norm.weight.float())).cpu()
+
+
+def output_tokens(sae: Any, model: Any, tokenizer: Any, latent: int, k: int = 10) -> OutputTokens:
+    """The tokens ``decoder_logits`` raises and lowers most (negative logits: the tokens it suppresses)."""
+    logits = decoder_logits(sae, model, latent)
+    with torch.no_grad():
         k = min(k, logits.numel())
         up, down = logits.topk(k), (-logits).topk(k)
     decode = lambda ids, vals: [(tokenizer.decode([int(i)]), float(v)) for i, v in zip(ids, vals)]  # noqa: E731

@@ -356,3 +356,32 @@ def test_mean_codes_and_contrast_through_the_model(engine, env, tmp_path, capsys
                  "fp32", "--a", str(tmp_path / "a.txt"), "--b", str(tmp_path / "b.jsonl"), "--top", "5", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [r["latent"] for r in printed] == [r.latent for r in rows] and "label" in printed[0]
+
+
+# --------------------------------------------------------------------------- dashboards
+def test_export_dashboard_holds_the_top_examples_on_disk(env, tmp_path):
+    from apps.cli import main
+    from interpret import iter_examples
+
+    out = tmp_path / "dash"
+    assert main(["export-dashboard", "--sae", str(env.sae), "--ckpt-dir", str(env.ckpt), "--out", str(out),
+                 "--latents", "0-9", "--batch-size", "4"]) == 0
+    batches = sorted((out / "neuronpedia").glob("batch-*.json"))
+    assert [b.name for b in batches] == ["batch-0.json", "batch-1.json", "batch-2.json"]
+    features = [f for b in batches for f in json.loads(b.read_text())["features"]]
+    assert [f["feature_index"] for f in features] == list(range(10))
+    for f, rec in zip(features, iter_examples(env.sae, range(10))):
+        top = [a for a in f["activations"] if a["bin_min"] == -1]
+        assert [a["tokens"] for a in top] == [rec.docs[d].tokens for d, _ in rec.top["max"]]
+        for a, (d, v) in zip(top, rec.top["max"]):
+            assert max(a["values"]) == pytest.approx(v, rel=1e-5)  # the document's strongest activation
+        assert f["frac_nonzero"] == pytest.approx(rec.stats["active_tokens"] / rec.stats["tokens"])
+        assert len(f["pos_str"]) == 10 and f["pos_values"] == sorted(f["pos_values"], reverse=True)
+        assert sum(f["logits_hist_data_bar_heights"]) > 0
+    site = out / "site"
+    index = (site / "index.html").read_text()
+    assert "search labels" in index and all(f'href="latent-{i}.html"' in index for i in range(10))
+    page = (site / "latent-3.html").read_text()
+    assert 'href="index.html"' in page and 'data-latent="3"' in page
+    labels = json.loads((out / "neuronpedia" / "explanations.json").read_text())
+    assert [x["index"] for x in labels] == list(range(10)) and labels[0]["description"]
