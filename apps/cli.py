@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "latent": ("apps.latent", "main_latent", "a latent's page in the terminal: examples, density, output tokens"),
     "export-dashboard": ("apps.dashboard", "main_export_dashboard",
                          "feature dashboards: Neuronpedia batch files and a static site that opens from disk"),
+    "steer-eval": ("apps.steer_eval", "main_steer_eval",
+                   "score steering a latent on concept and fluency at several strengths, against prompting"),
     "geometry": ("apps.geometry", "main_geometry",
                  "match the latents of two SAEs by decoder cosine: matched, split and novel latents, a 2-D map"),
     "contrast": ("apps.contrast", "main_contrast",

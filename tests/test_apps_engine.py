@@ -385,3 +385,41 @@ def test_export_dashboard_holds_the_top_examples_on_disk(env, tmp_path):
     assert 'href="index.html"' in page and 'data-latent="3"' in page
     labels = json.loads((out / "neuronpedia" / "explanations.json").read_text())
     assert [x["index"] for x in labels] == list(range(10)) and labels[0]["description"]
+
+
+# --------------------------------------------------------------------------- steering evaluation
+def test_steer_eval_scores_concept_and_fluency_against_references(env, tmp_path, capsys):
+    """The concept score is the latent's activation on the generated tokens, recomputed here from the
+    stored activations; the fluency the mean log-prob under the unsteered model, recomputed here."""
+    from apps.cli import main
+    from apps.steer_eval import SteerEvalConfig, evaluate
+
+    engine = Engine.load(ModelOptions(ckpt_dir=env.ckpt, max_seq_len=64, device="cpu", model_dtype="fp32"), env.sae,
+                         max_batch_size=3)
+    latent = max(engine.catalog.max_acts, key=engine.catalog.max_acts.get)
+    cfg = SteerEvalConfig(sae=env.sae, latent=latent, strengths="1,4", samples=3, max_new_tokens=5, temperature=0.0,
+                          ckpt_dir=env.ckpt)
+    report = evaluate(engine, cfg, ["The delegates gathered at the", "Hello"])
+    assert [r["condition"] for r in report["results"]][:1] == ["unsteered"] and len(report["results"]) == 4
+    strong = report["results"][-1]
+    # Recompute the strongest condition by hand.
+    tokens = engine.encode_prompts(report["prompts"])
+    *_, last = engine.stream(tokens, Sampling(0.0, 0.9, 42, 5), [Edit(latent, "add", 4 * report["max_act"])],
+                             top_latents=0)
+    acts, logps = [], []
+    model = engine.llm.model
+    for p, c in zip(tokens, last.completions):
+        seq = p + list(c.tokens)
+        a = engine.sae.encode(_site_acts(engine, seq)).float()[len(p):, latent]
+        acts += a.tolist()
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([seq]), 0)[0].float(), -1)
+        logps += [float(lp[t - 1, seq[t]]) for t in range(len(p), len(seq))]
+    assert strong["concept_mean_act"] == pytest.approx(sum(acts) / len(acts), rel=1e-4, abs=1e-5)
+    assert strong["fluency"] == pytest.approx(sum(logps) / len(logps), rel=1e-4)
+    out = tmp_path / "se"
+    assert main(["steer-eval", "--sae", str(env.sae), "--ckpt-dir", str(env.ckpt), "--device", "cpu",
+                 "--model-dtype", "fp32", "--latent", str(latent), "--strengths", "2", "--samples", "2",
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    saved = json.loads((out / "steer_eval.json").read_text())
+    assert [r["condition"] for r in saved["results"]][1].startswith("prompting:") and "fluency" in capsys.readouterr().out
