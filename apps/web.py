@@ -344,8 +344,8 @@ def _wire_pages(gr: Any, app: WebApp, p: Page) -> None:
         p.attr_opens[j].click(on_attr_open, [p.state], outputs, api_visibility="private")
 
 
-def _wire_model(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
-    """Generation, the token view, chat and attribution: the events that run the model (queued)."""
+def _wire_generate(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
+    """Generation and the token view (queued: they run the model)."""
     queue = {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
     sampling_inputs = [p.max_new, p.temperature, p.top_p, p.seed]
 
@@ -384,6 +384,12 @@ def _wire_model(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
 
     p.highlight.input(do_highlight, [p.state, p.highlight], [p.state, p.view, p.status], api_name="highlight",
                       **queue)
+
+
+def _wire_chat_contrast_attribution(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
+    """Chat, contrast and attribution: the other events that run the model (queued)."""
+    queue = {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
+    sampling_inputs = [p.max_new, p.temperature, p.top_p, p.seed]
 
     def do_chat(st: SessionState, message: str, mx: Any, temp: Any, tp: Any, sd: Any):
         try:
@@ -447,7 +453,8 @@ def build_app(engine: Engine, cfg: UiConfig):
         page = _layout(gr, app, cfg)
         _wire_steering(gr, app, page, cfg.steer_slots)
         _wire_pages(gr, app, page)
-        _wire_model(gr, app, page, cfg)
+        _wire_generate(gr, app, page, cfg)
+        _wire_chat_contrast_attribution(gr, app, page, cfg)
     blocks.queue(default_concurrency_limit=8, max_size=cfg.queue_size)
     blocks.css_for_launch = CSS + _hide_slider_boxes(cfg.steer_slots)
     return blocks

@@ -22,7 +22,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -36,6 +35,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 from capture.batching import plan_batches  # noqa: E402
 from capture.capture import run_capture  # noqa: E402
@@ -172,7 +173,7 @@ def run_hf(hf: Any, tokenizer: Tokenizer, texts: list[str], out: Path, layer: in
     return {"seconds": time.perf_counter() - t0, "tokens": n_tokens, "rows": n_rows, "bytes": n_bytes}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama3.2-1b", help="model shape (ModelArgs.preset name)")
     p.add_argument("--n-layers", type=int, default=None, help="override the preset's layer count (quick runs)")
@@ -196,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.preset, a.layer, a.docs, a.n_layers = "tiny", 2, 64, None
+    return a
 
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    info = machine.describe()
+    print(machine.banner(info), flush=True)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {side} | {tps:,.1f} | {ratio} | {results[side][0]['bytes_per_token']:,.1f} |")
     if a.json:
         a.json.write_text(json.dumps({"args": vars(a), "results": results, "median_tokens_per_s": summary,
-                                      "date": str(datetime.date.today()), "machine": platform.processor(),
+                                      "date": str(datetime.date.today()), "machine": info,
                                       "load_average": [load_before, load_after]}, indent=1, default=str))
     return 0
 

@@ -35,23 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_llama import cpu_name  # noqa: E402
+import machine  # noqa: E402
 
 from llama3 import Llama  # noqa: E402
 from llama3.checkpoint import builtin_checkpoint  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def machine() -> dict:
-    flags = ""
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f}" in flags]
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "extensions": ext, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_avg": os.getloadavg()[0]}
 
 
 def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -168,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     path = builtin_checkpoint()
-    info = machine()
-    print(f"# {path.name} on {info['cpu']} ({info['cores']} cores, {', '.join(info['extensions']) or 'no AVX-512/AMX'}), "
-          f"torch {info['torch']}, {info['threads']} threads, load average {info['load_avg']:.2f}")
+    info = machine.describe()
+    print(machine.banner(info))
+    print(f"# {path.name}")
     results: dict = {"machine": info, "file": str(path), "speed": [], "load": []}
     for dname in a.dtypes.split(","):
         dtype = DTYPES[dname]

@@ -27,17 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 from llama3 import Llama, ModelArgs, Transformer  # noqa: E402
 from llama3.keys import meta_to_hf_name, permute_rotary  # noqa: E402
 from llama3.tokenizer import Tokenizer, default_tokenizer_path  # noqa: E402
@@ -290,47 +292,19 @@ def teacher_forced(ref: Callable, other: Callable, prompt: list[int], continuati
     return agree, ((a - b).norm() / a.norm()).item()
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # --------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
-    opt = parse_args(argv)
-    if opt.threads:
-        torch.set_num_threads(opt.threads)
-    dtype = DTYPES[opt.dtype]
-    sync = sync_fn(opt.device)
+def _contestants(opt: Options, model: Transformer, tokenizer: Tokenizer, prompt: list[int],
+                 sync: Callable[[], None]) -> tuple[dict[str, tuple[Callable[[], Run], int]], Transformer | None, Any]:
+    """name -> (one timed run, bytes read per decode step), the int8 twin (or None) and the HF twin (or None)."""
     max_seq_len = opt.prefill_len + opt.decode_tokens
-    args = ModelArgs.preset(opt.preset, max_seq_len=max_seq_len, max_batch_size=1)
-    tokenizer = Tokenizer(default_tokenizer_path())
-    if args.vocab_size != tokenizer.n_words:
-        raise SystemExit(f"preset {opt.preset} has vocab_size={args.vocab_size}; the Llama 3 tokenizer has "
-                         f"{tokenizer.n_words}")
-    load0 = os.getloadavg()
-
-    t = time.perf_counter()
-    model = build_model(args, opt.device, dtype, opt.seed)
-    model.setup_cache(1, max_seq_len)
     n_bytes = decode_bytes(model)
-    print(f"built {opt.preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.3f}B params, "
-          f"{n_bytes / 1e9:.2f} GB read per decode step) in {time.perf_counter() - t:.1f}s", flush=True)
-
-    prompt = torch.randint(0, args.vocab_size, (opt.prefill_len,),
-                           generator=torch.Generator().manual_seed(opt.seed + 1)).tolist()
     contestants: dict[str, tuple[Callable[[], Run], int]] = {}
     ours = Llama(model, tokenizer)
     if opt.compile:
         ours.compile(prefill=opt.compile_prefill)
     mode = ("compiled" if opt.compile_prefill else "compiled decode") if opt.compile else "eager"
-    ours_name = f"ours ({mode})"
-    contestants[ours_name] = (lambda: run_ours(ours, prompt, opt.decode_tokens, sync), n_bytes)
+    contestants[f"ours ({mode})"] = (lambda: run_ours(ours, prompt, opt.decode_tokens, sync), n_bytes)
+    hf = None
     if opt.hf:
         hf = hf_twin(model)
         contestants["HF generate"] = (lambda: run_hf(hf, prompt, opt.decode_tokens, sync), n_bytes)
@@ -341,30 +315,30 @@ def main(argv: list[str] | None = None) -> dict:
         q = Llama(qmodel, tokenizer)
         if opt.compile:
             q.compile(prefill=opt.compile_prefill)
-        contestants[f"ours int8 ({mode})"] = (
-            lambda: run_ours(q, prompt, opt.decode_tokens, sync), decode_bytes(qmodel))
+        contestants[f"ours int8 ({mode})"] = (lambda: run_ours(q, prompt, opt.decode_tokens, sync), decode_bytes(qmodel))
+    return contestants, qmodel, hf
 
-    runs: dict[str, list[Run]] = {name: [] for name in contestants}
+
+def _measure(contestants: dict[str, tuple[Callable[[], Run], int]], repeats: int) -> dict[str, list[Run]]:
+    """A warm-up of each, then ``repeats`` rounds in alternating order (drift hits every contestant alike)."""
     names = list(contestants)
+    runs: dict[str, list[Run]] = {name: [] for name in names}
     for name in names:  # warm-up: compilation, allocator, caches
         t = time.perf_counter()
         contestants[name][0]()
         print(f"warm-up {name}: {time.perf_counter() - t:.1f}s", flush=True)
-    for r in range(opt.repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
             run = contestants[name][0]()
             runs[name].append(run)
-            print(f"  repeat {r + 1}/{opt.repeats} {name:22s} prefill {run.prefill_tps:9.1f} tok/s   "
+            print(f"  repeat {r + 1}/{repeats} {name:22s} prefill {run.prefill_tps:9.1f} tok/s   "
                   f"decode {run.decode_tps:7.2f} tok/s", flush=True)
+    return runs
 
-    # ------------------------------------------------------------------ report
-    peak = opt.peak_gbps
-    device_name = cpu_name()
-    if opt.device.startswith("cuda"):
-        device_name = torch.cuda.get_device_name()
-        if peak is None:
-            peak = next((v for k, v in GPU_PEAK_GBPS.items() if k in device_name), None)
+
+def _table(opt: Options, runs: dict[str, list[Run]], contestants: dict[str, tuple[Callable[[], Run], int]],
+           peak: float | None) -> tuple[dict[str, Any], list[str]]:
+    """Per-contestant medians and ratios to HF, as a results dict and the lines of a Markdown table."""
     hf_name = "HF generate" if opt.hf else None
     stats: dict[str, dict[str, float]] = {}
     for n, rs in runs.items():
@@ -375,43 +349,38 @@ def main(argv: list[str] | None = None) -> dict:
                     # 1 / median time between tokens over all repeats: robust to bursts of background load
                     "decode_tps_median_step": 1.0 / statistics.median(steps)}
         stats[n]["decode_gbps"] = contestants[n][1] * stats[n]["decode_tps"] / 1e9
-    results = {"options": asdict(opt), "device": device_name, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "loadavg_before": load0, "loadavg_after": os.getloadavg(),
-               "decode_bytes": {n: contestants[n][1] for n in names}, "models": {}}
     header = ["model", "prefill tok/s", "decode tok/s", "decode best", "decode tok/s (median step)", "decode GB/s"]
-    if peak:
-        header.append("% of peak BW")
-    if hf_name:
-        header += ["prefill vs HF", "decode vs HF", "median step vs HF"]
+    header += ["% of peak BW"] if peak else []
+    header += ["prefill vs HF", "decode vs HF", "median step vs HF"] if hf_name else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for n in names:
-        st = stats[n]
+    models: dict[str, Any] = {}
+    for n, st in stats.items():
         row = [n, f"{st['prefill_tps']:.1f}", f"{st['decode_tps']:.2f}", f"{st['decode_tps_best']:.2f}",
                f"{st['decode_tps_median_step']:.2f}", f"{st['decode_gbps']:.1f}"]
         if peak:
             row.append(f"{100 * st['decode_gbps'] / peak:.0f}%")
         entry = dict(st, runs=[{k: v for k, v in asdict(r).items() if k != "tokens"} for r in runs[n]])
         if hf_name:
-            ref = stats[hf_name]
-            ratios = {f"{k}_vs_hf": st[k] / ref[k] for k in ("prefill_tps", "decode_tps", "decode_tps_median_step")}
+            ratios = {f"{k}_vs_hf": st[k] / stats[hf_name][k] for k in ("prefill_tps", "decode_tps",
+                                                                         "decode_tps_median_step")}
             row += [f"{v:.2f}x" for v in ratios.values()]
             entry |= ratios
-        results["models"][n] = entry
+        models[n] = entry
         lines.append("| " + " | ".join(row) + " |")
+    return models, lines
 
-    print()
-    print(f"{opt.preset}, {opt.dtype}, {opt.device} ({device_name}, {torch.get_num_threads()} threads), batch 1, "
-          f"greedy, prompt {opt.prefill_len}, {opt.decode_tokens} new tokens, median of {opt.repeats} repeats; "
-          f"load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    print("\n".join(lines))
 
-    # Greedy agreement: the same weights should give the same tokens (up to rounding of near-ties).
-    ref_tokens = runs[ours_name][0].tokens
+def _agreement(opt: Options, model: Transformer, runs: dict[str, list[Run]], prompt: list[int],
+               qmodel: Transformer | None, hf: Any) -> tuple[dict[str, Any], list[str]]:
+    """Greedy agreement: the same weights should give the same tokens (up to rounding of near-ties)."""
+    names = list(runs)
+    ref_tokens = runs[names[0]][0].tokens
+    results: dict[str, Any] = {}
     notes = []
     device = model.tok_embeddings.weight.device
     model.free_cache()  # the teacher-forced passes below run without the cache
-    if hf_name:
-        k = common_prefix(ref_tokens, runs[hf_name][0].tokens)
+    if hf is not None:
+        k = common_prefix(ref_tokens, runs["HF generate"][0].tokens)
         tf, err = teacher_forced(model, lambda x: hf(x).logits, prompt, ref_tokens, device)
         notes.append(f"ours vs HF: greedy first {k}/{opt.decode_tokens} tokens identical; teacher-forced top-1 "
                      f"agreement {100 * tf:.1f}%, logits differ by {err:.1e} relative ({opt.dtype} rounding; "
@@ -425,12 +394,54 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append(f"int8 vs {opt.dtype}: greedy first {k}/{opt.decode_tokens} tokens identical; teacher-forced "
                      f"top-1 agreement {100 * tf:.1f}%, logits differ by {err:.1e} relative")
         results |= {"int8_common_prefix": k, "int8_teacher_forced_agreement": tf, "int8_logits_rel_diff": err}
+    return results, notes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opt = parse_args(argv)
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    info = machine.describe()
+    print(machine.banner(info), flush=True)
+    sync = sync_fn(opt.device)
+    max_seq_len = opt.prefill_len + opt.decode_tokens
+    args = ModelArgs.preset(opt.preset, max_seq_len=max_seq_len, max_batch_size=1)
+    tokenizer = Tokenizer(default_tokenizer_path())
+    if args.vocab_size != tokenizer.n_words:
+        raise SystemExit(f"preset {opt.preset} has vocab_size={args.vocab_size}; the Llama 3 tokenizer has "
+                         f"{tokenizer.n_words}")
+    t = time.perf_counter()
+    model = build_model(args, opt.device, DTYPES[opt.dtype], opt.seed)
+    model.setup_cache(1, max_seq_len)
+    print(f"built {opt.preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.3f}B params, "
+          f"{decode_bytes(model) / 1e9:.2f} GB read per decode step) in {time.perf_counter() - t:.1f}s", flush=True)
+    prompt = torch.randint(0, args.vocab_size, (opt.prefill_len,),
+                           generator=torch.Generator().manual_seed(opt.seed + 1)).tolist()
+    contestants, qmodel, hf = _contestants(opt, model, tokenizer, prompt, sync)
+    runs = _measure(contestants, opt.repeats)
+
+    peak = opt.peak_gbps
+    device_name = machine.cpu_name()
+    if opt.device.startswith("cuda"):
+        device_name = torch.cuda.get_device_name()
+        if peak is None:
+            peak = next((v for k, v in GPU_PEAK_GBPS.items() if k in device_name), None)
+    models, lines = _table(opt, runs, contestants, peak)
+    results: dict[str, Any] = {"options": asdict(opt),
+                               "machine": info, "device": device_name, "loadavg_after": os.getloadavg(),
+                               "decode_bytes": {n: contestants[n][1] for n in contestants}, "models": models}
+    print()
+    print(f"{opt.preset}, {opt.dtype}, {opt.device} ({device_name}, {torch.get_num_threads()} threads), batch 1, "
+          f"greedy, prompt {opt.prefill_len}, {opt.decode_tokens} new tokens, median of {opt.repeats} repeats; "
+          f"load average {info['load_avg']} -> {os.getloadavg()[0]:.1f}")
+    print("\n".join(lines))
+    agreement, notes = _agreement(opt, model, runs, prompt, qmodel, hf)
+    results |= agreement
     for note in notes:
         print(f"- {note}")
     if opt.json:
         Path(opt.json).write_text(json.dumps(results, indent=2))
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
 CASES = (("ours", "meta"), ("ours", "hf"), ("HF from_pretrained", "hf"))
@@ -132,6 +133,7 @@ def write_checkpoints(preset: str, root: Path, seed: int) -> tuple[Path, Path, i
 
 
 def main(argv: list[str] | None = None) -> dict:
+    print(machine.banner(), flush=True)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama3.2-1b", help="model shape (a ModelArgs preset); weights are random")
     parser.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES,

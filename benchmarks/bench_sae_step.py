@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 from sae import SAEConfig, SparseAutoencoder  # noqa: E402
 
 
@@ -156,8 +157,9 @@ def run(opt: Options) -> None:
             floor.append(t)
 
     med = {n: statistics.median(v) for n, v in times.items()}
-    device_name = torch.cuda.get_device_name() if opt.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if opt.device.startswith("cuda") else machine.cpu_name()
     print()
+    print(machine.banner())
     print(f"SAE training step, d_model={opt.d_model}, n_latents={opt.n_latents}, k={opt.k}, batch={opt.batch}, "
           f"fp32, device={opt.device} ({device_name}), torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"{opt.adamw} AdamW, {opt.steps} timed steps after {opt.warmup} warmup, {time.strftime('%Y-%m-%d')}")

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402
 from training.synthetic import write_store  # noqa: E402
 
 PRESETS = {
@@ -178,6 +179,7 @@ def run_ours(store: Path, out: Path, opt: Options, nproc: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(machine.banner(), flush=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ddp = a.ddp if a.device == "cpu" or torch.cuda.device_count() >= a.ddp else 0
     opt = Options(**preset, device=a.device, threads=threads, ddp=ddp)
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-            "machine": platform.platform(), "cpus": cpus, "torch": torch.__version__,
+            "machine": machine.describe(), "cpus": cpus, "torch": torch.__version__,
             "load_average": os.getloadavg(), "options": asdict(opt)}
     if a.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()

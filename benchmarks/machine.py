@@ -1,0 +1,51 @@
+"""What every benchmark prints and records about the machine it ran on: CPU model, cores, the SIMD and
+matrix extensions present, the accelerator, torch version, threads and the load average at the start
+(a busy machine's numbers are not comparable). ``RESULTS.md`` keeps one table per machine kind."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_extensions() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    present = set(flags.split(":", 1)[1].split())
+    return [e for e in EXTENSIONS if e in present]
+
+
+def describe() -> dict[str, Any]:
+    """The machine, as a JSON-able dict (goes into each benchmark's results)."""
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "extensions": cpu_extensions(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def banner(info: dict[str, Any] | None = None) -> str:
+    """One line for the top of a benchmark's output."""
+    m = info or describe()
+    ext = ", ".join(m["extensions"]) or "no AVX2/AVX-512/AMX"
+    gpu = f"; GPU {m['gpu']}" if m["gpu"] else ""
+    busy = " (busy: numbers are not comparable)" if m["load_avg"] and m["load_avg"] > 0.5 * (m["cores"] or 1) else ""
+    return (f"machine: {m['cpu']}, {m['cores']} cores ({ext}){gpu}; torch {m['torch']}, {m['threads']} threads; "
+            f"load average {m['load_avg']}{busy}")
