@@ -52,12 +52,17 @@ class GeometryConfig:
 
 
 def label_group(label: str) -> str:
-    """A coarse group for colouring a map: a heuristic label's first firing token, else its first word."""
+    """A coarse group for colouring a map: the first word of four or more letters in the label (for a
+    heuristic label, its first such firing token), lowercased; punctuation and short function words
+    ("the", "and", ",") say nothing about a latent's topic."""
     if label == UNLABELLED:
         return UNLABELLED
-    quoted = re.search(r"'([^']+)'", label)
-    word = quoted.group(1) if quoted else (label.split() or [""])[0]
-    return word.strip().lower() or UNLABELLED
+    quoted = re.findall(r"'([^']+)'", label) or label.split()
+    for word in quoted:
+        w = word.strip().lower()
+        if len(w) >= 4 and w.isalpha() and w not in ("fires", "with", "that", "this", "from", "when"):
+            return w
+    return UNLABELLED
 
 
 def report(m: Matching, labels_a: LatentCatalog, labels_b: LatentCatalog, cfg: GeometryConfig) -> dict[str, Any]:
