@@ -130,6 +130,19 @@ def _describe_scores(scores: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _meta(page: LatentPage) -> list[str]:
+    """The page's line under the title: certainty, label source, scores, density."""
+    info, out = page.info, []
+    if info.certainty is not None:
+        out.append(f"certainty {info.certainty:.2f}")
+    if info.source:
+        out.append(f"label from {info.source}")
+    scores = _describe_scores(page.scores)
+    if scores:
+        out.append(f"scores: {scores}")
+    return out + [_density_text(page)]
+
+
 def _density_text(page: LatentPage) -> str:
     st = page.stats
     if not st:
@@ -197,15 +210,7 @@ def page_html(page: LatentPage, *, top_n: int = 10, per_bin: int = 2) -> str:
     info = page.info
     peak = page_peak(page, top_n)
     head = [f'<div class="latent-page" data-latent="{page.latent}"><h3>Latent {page.latent} · '
-            f"{html.escape(info.label)}</h3><p>"]
-    if info.certainty is not None:
-        head.append(f"certainty {info.certainty:.2f} · ")
-    if info.source:
-        head.append(f"label from {html.escape(info.source)} · ")
-    scores = _describe_scores(page.scores)
-    if scores:
-        head.append(f"scores: {html.escape(scores)} · ")
-    head.append(html.escape(_density_text(page)) + "</p>")
+            f"{html.escape(info.label)}</h3><p>{html.escape(' · '.join(_meta(page)))}</p>"]
     reasoning = page.record.get("reasoning")
     if reasoning:
         head.append(f"<details><summary>labeller's reasoning</summary>{html.escape(str(reasoning))}</details>")
@@ -252,17 +257,8 @@ def _doc_text(doc: DocExample, peak: float) -> Text:
 def page_rich(page: LatentPage, *, top_n: int = 10, per_bin: int = 2) -> Group:
     info = page.info
     peak = page_peak(page, top_n)
-    parts: list[Any] = [Text(f"Latent {page.latent} · {info.label}", style="bold")]
-    meta = []
-    if info.certainty is not None:
-        meta.append(f"certainty {info.certainty:.2f}")
-    if info.source:
-        meta.append(f"label from {info.source}")
-    scores = _describe_scores(page.scores)
-    if scores:
-        meta.append(f"scores: {scores}")
-    meta.append(_density_text(page))
-    parts.append(Text(" · ".join(meta), style="dim"))
+    parts: list[Any] = [Text(f"Latent {page.latent} · {info.label}", style="bold"),
+                        Text(" · ".join(_meta(page)), style="dim")]
     if page.outputs is not None:
         table = Table(show_header=True, header_style="bold", box=None)
         table.add_column("promotes")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from llama3_sae.config import parse_config
 
@@ -318,25 +318,20 @@ def _wire_pages(gr: Any, app: WebApp, p: Page) -> None:
     p.page_open.click(show, [p.page_latent], outputs, api_name="latent_page")
     p.open.click(show, [p.hits], outputs, api_visibility="private")
 
-    def on_table_select(st: SessionState, evt: gr.SelectData):
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
-        if not 0 <= row < len(st.table_latents):
-            return gr.skip(), gr.skip(), gr.skip(), ""
-        return show(st.table_latents[row])
+    def opens_row(rows_of: Callable[[SessionState], list[int]]):
+        """A table's select handler that opens the page of the clicked row's latent."""
+        def on_select(st: SessionState, evt: gr.SelectData):
+            row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
+            latents = rows_of(st)
+            return show(latents[row]) if 0 <= row < len(latents) else (gr.skip(),) * 3 + ("",)
 
-    # Gradio finds the SelectData parameter by its annotation, which this module's postponed annotations
-    # leave as a string it cannot resolve.
-    on_table_select.__annotations__["evt"] = gr.SelectData
-    p.table.select(on_table_select, [p.state], outputs, api_visibility="private")
+        # Gradio finds the SelectData parameter by its annotation, which this module's postponed annotations
+        # leave as a string it cannot resolve.
+        on_select.__annotations__["evt"] = gr.SelectData
+        return on_select
 
-    def on_contrast_select(st: SessionState, evt: gr.SelectData):
-        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else int(evt.index)
-        if not 0 <= row < len(st.contrast_latents):
-            return gr.skip(), gr.skip(), gr.skip(), ""
-        return show(st.contrast_latents[row])
-
-    on_contrast_select.__annotations__["evt"] = gr.SelectData
-    p.con_table.select(on_contrast_select, [p.state], outputs, api_visibility="private")
+    p.table.select(opens_row(lambda st: st.table_latents), [p.state], outputs, api_visibility="private")
+    p.con_table.select(opens_row(lambda st: st.contrast_latents), [p.state], outputs, api_visibility="private")
     for j in range(N_ATTR):
         def on_attr_open(st: SessionState, j: int = j):
             return show(st.attr_latents[j]) if j < len(st.attr_latents) else (gr.skip(),) * 3 + ("",)

@@ -152,6 +152,8 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
     # The columns of h: the edited latents, then the ones only conditions read.
     latents = edited + sorted({lat for e in edits if e.when is not None for lat in e.when.latents} - set(edited))
     column = {latent: j for j, latent in enumerate(latents)}
+    # Adding to a latent moves the output by that latent's decoder row alone, whatever the code is.
+    additive = all(e.op == "add" and e.when is None for e in edits)
 
     def fn(x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
         # base: what the edit is added to; x itself for an SAE, the MLP's own output for a transcoder.
@@ -163,12 +165,17 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
             if e.rows is not None and max(e.rows, default=-1) >= B:
                 raise ValueError(f"edit on latent {e.latent} names row {max(e.rows)}, but the batch has {B} rows")
         flat = sae.flatten(x)
-        xn, stats = sae.normalize(flat)
-        code = sae.code_normalized(xn)
         lat = torch.tensor(latents, device=x.device)
-        # Current activations of the edited (and condition) latents, h [N, E].
-        hit = code.indices[:, :, None] == lat  # [N, m, E]
-        h = (code.values.float()[:, :, None] * hit).sum(1)
+        if additive:
+            # decode(h + v e_i) - decode(h) = v W_dec[i] whatever h is: no encoder pass at all.
+            stats = sae.norm_stats(flat.float())
+            h = torch.zeros(flat.shape[0], len(latents), device=x.device)
+        else:
+            xn, stats = sae.normalize(flat)
+            code = sae.code_normalized(xn)
+            # Current activations of the edited (and condition) latents, h [N, E].
+            hit = code.indices[:, :, None] == lat  # [N, m, E]
+            h = (code.values.float()[:, :, None] * hit).sum(1)
         new = h.clone()
         original = lambda latent: h[:, column[latent]]  # noqa: E731 (what conditions read: the unedited code)
         row_of_token = torch.arange(B, device=x.device).repeat_interleave(flat.shape[0] // B)

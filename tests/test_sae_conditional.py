@@ -151,3 +151,24 @@ def test_geometry_finds_matched_split_and_novel_latents_of_planted_saes(tmp_path
     assert [s["a"] for s in rep["splits"]] == [12, 13, 14]
     if rep.get("map"):
         assert (tmp_path / "g" / "geometry.png").stat().st_size > 0
+
+
+def test_additive_edits_skip_the_encoder_and_equal_the_full_path():
+    """An add edit moves every token by value x its decoder row (mapped out of the normalised space): the
+    fast path computes that without the encoder, and equals the full path (forced here by a condition
+    that always holds) and the hand formula."""
+    sae = SparseAutoencoder(SAEConfig(d_model=64, n_latents=32, k=6, site=SITE, normalization="per_token"), seed=4)
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(5))
+    fast = steer_fn(sae, [Edit(3, "add", 2.5), Edit(8, "add", -1.0, rows=(1,))])(x)
+    always = Condition.parse("0>=-1000")
+    full = steer_fn(sae, [Edit(3, "add", 2.5, when=always), Edit(8, "add", -1.0, rows=(1,), when=always)])(x)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    scale = 1.0 / (x.std(-1, keepdim=True) + sae.cfg.norm_eps)  # per-token out scale
+    ref = x + 2.5 * sae.W_dec[3] / scale
+    ref[1] = ref[1] - 1.0 * sae.W_dec[8] / scale[1]
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    calls = []
+    real = sae.code_normalized
+    sae.code_normalized = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    steer_fn(sae, [Edit(3, "add", 2.5)])(x)
+    assert calls == []  # the encoder never ran
