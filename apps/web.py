@@ -339,10 +339,14 @@ def _wire_pages(gr: Any, app: WebApp, p: Page) -> None:
         p.attr_opens[j].click(on_attr_open, [p.state], outputs, api_visibility="private")
 
 
+def _model_queue(cfg: UiConfig) -> dict[str, Any]:
+    """The event options of everything that runs the model: one queue, --concurrency at a time."""
+    return {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
+
+
 def _wire_generate(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
     """Generation and the token view (queued: they run the model)."""
-    queue = {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
-    sampling_inputs = [p.max_new, p.temperature, p.top_p, p.seed]
+    queue, sampling_inputs = _model_queue(cfg), [p.max_new, p.temperature, p.top_p, p.seed]
 
     def do_generate(st: SessionState, text: str, mx: Any, temp: Any, tp: Any, sd: Any):
         try:
@@ -383,8 +387,7 @@ def _wire_generate(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
 
 def _wire_chat_contrast_attribution(gr: Any, app: WebApp, p: Page, cfg: UiConfig) -> None:
     """Chat, contrast and attribution: the other events that run the model (queued)."""
-    queue = {"concurrency_limit": cfg.concurrency, "concurrency_id": MODEL_QUEUE}
-    sampling_inputs = [p.max_new, p.temperature, p.top_p, p.seed]
+    queue, sampling_inputs = _model_queue(cfg), [p.max_new, p.temperature, p.top_p, p.seed]
 
     def do_chat(st: SessionState, message: str, mx: Any, temp: Any, tp: Any, sd: Any):
         try:
