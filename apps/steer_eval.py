@@ -8,7 +8,10 @@ AxBench and AutoSteer evaluations do, on both axes:
 - **concept**: the target latent's mean activation over the generated tokens, read by the unsteered model
   (so steering's own push is not counted), and the share of completions in which it fires;
 - **fluency**: the mean log-probability per generated token under the unsteered model (higher is more
-  fluent; its drop from the unsteered completions is the cost).
+  fluent; its drop from the unsteered completions is the cost);
+- with ``--judge`` and ``ANTHROPIC_API_KEY``, an LLM judge as well: Claude rates each completion 0 (not about
+  the concept), 1 (somewhat) or 2 (clearly), through the resumable batch client (``--judge-sync`` for plain
+  calls); the job's state lives in OUT/interpret/.
 
 Writes ``steer_eval.json`` and ``steer_eval.png`` (concept against fluency, one point per condition).
 """
@@ -25,6 +28,11 @@ from rich.table import Table
 from llama3_sae.config import parse_config
 from llama3_sae.files import atomic_write_json
 from sae import Edit
+
+from interpret.config import DEFAULT_MODEL, LLMJobConfig
+from interpret.jobs import LLMJob
+from interpret.prompts import message_params
+from interpret.requests import Outcome, Request
 
 from .contrast import read_texts
 from .demo import NEUTRAL_PROMPTS
@@ -54,6 +62,14 @@ class SteerEvalConfig(SamplingOptions, ModelOptions):
     """Directory for steer_eval.json and steer_eval.png (default: SAE/steer_eval/latent-N)."""
     plots: bool = True
     """Write the concept-vs-fluency plot (needs matplotlib)."""
+    judge: bool = False
+    """Also have Claude rate each completion for the concept (needs ANTHROPIC_API_KEY; costs a few cents)."""
+    judge_model: str = DEFAULT_MODEL
+    """Claude model id of the judge."""
+    judge_sync: bool = False
+    """Send the judge's requests as plain messages.create calls instead of a Message Batch."""
+    yes: bool = False
+    """Send the judge's requests without asking after the cost estimate."""
     site: str | None = None
     """Hook site of the SAE when its files do not say."""
 
@@ -118,12 +134,45 @@ def evaluate(engine: Engine, cfg: SteerEvalConfig, prompts: list[str]) -> dict[s
         with engine.lock:
             fluency = mean_logprob(model, tokens, outputs)
         results.append({"condition": name, "strength": strength, "value": strength * top, "concept_mean_act": mean_act,
-                        "concept_share": share, "fluency": fluency, "examples": completions[:3]})
+                        "concept_share": share, "fluency": fluency, "examples": completions[:3],
+                        "completions": completions})
     base = results[0]["fluency"]
     for r in results:
         r["fluency_drop"] = base - r["fluency"]
     return {"latent": latent, "label": label, "max_act": top, "concept": concept, "prompts": rows_prompts,
             "sampling": asdict(sampling), "results": results}
+
+
+JUDGE_SYSTEM = ("You rate short texts. Reply with one digit: 0 if the text is not about the given concept, 1 if "
+                "it touches on it, 2 if it is clearly about it. No other words.")
+
+
+def handle_judge_reply(outcome: Outcome, meta: dict[str, Any]) -> dict[str, Any]:
+    """A judge's reply -> its 0-2 rating (the first such digit), or a parse error."""
+    digit = next((ch for ch in outcome.text if ch in "012"), None)
+    if digit is None:
+        return {"status": "parse_error", "error": "no rating 0, 1 or 2 in the reply", "raw": outcome.text}
+    return {"status": "ok", "rating": int(digit), "condition": meta["condition"]}
+
+
+def judge(report: dict[str, Any], cfg: SteerEvalConfig, out: Path, console: Console, client: Any = None) -> None:
+    """Add each condition's mean judge rating (``judge_mean``, 0-2) and how many were rated to ``report``."""
+    job_cfg = LLMJobConfig(sae=out, model=cfg.judge_model, sync=cfg.judge_sync, yes=cfg.yes, max_output_tokens=16,
+                           sync_limit=10_000, expected_output_tokens=2, progress=False)
+    requests = [Request(f"{ci}-{i}", message_params(cfg.judge_model, 16, JUDGE_SYSTEM,
+                                                     f"Concept: {report['concept']}\n\nText: {text}", "model-default"),
+                        meta={"condition": ci})
+                for ci, r in enumerate(report["results"]) for i, text in enumerate(r["completions"])]
+    job = LLMJob(job_cfg, "judge", "steering judge", len(requests), console, client)
+    summary = job.run(requests, handle_judge_reply)
+    ratings: dict[int, list[int]] = {}
+    for rec in job.ok_records():
+        ratings.setdefault(int(rec["condition"]), []).append(int(rec["rating"]))
+    for ci, r in enumerate(report["results"]):
+        got = ratings.get(ci, [])
+        r["judge_mean"] = sum(got) / len(got) if got else None
+        r["judge_rated"] = len(got)
+    job.finish(summary, requests)
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
@@ -152,13 +201,16 @@ def main_steer_eval(argv: list[str] | None = None, prog: str = "llama3-sae steer
     report = evaluate(engine, cfg, prompts)
     out = cfg.out or Path(cfg.sae) / "steer_eval" / f"latent-{report['latent']}"
     console = Console()
+    if cfg.judge:
+        judge(report, cfg, out, console)
     table = Table(title=f"steering latent {report['latent']} ({report['label']}), max activation "
                         f"{report['max_act']:.3g}, {cfg.samples} samples each, same seeds", title_justify="left")
-    for col in ("condition", "concept (mean act)", "fires in", "fluency", "drop"):
+    for col in ("condition", "concept (mean act)", "fires in", "fluency", "drop", *(["judge 0-2"] if cfg.judge else [])):
         table.add_column(col, justify="left" if col == "condition" else "right")
     for r in report["results"]:
+        judged = [f"{r['judge_mean']:.2f}" if r.get("judge_mean") is not None else "-"] if cfg.judge else []
         table.add_row(r["condition"], f"{r['concept_mean_act']:.3f}", f"{r['concept_share']:.0%}",
-                      f"{r['fluency']:.3f}", f"{r['fluency_drop']:+.3f}")
+                      f"{r['fluency']:.3f}", f"{r['fluency_drop']:+.3f}", *judged)
     console.print(table)
     if cfg.plots:
         try:

@@ -615,3 +615,23 @@ def test_a_malformed_results_line_is_that_items_failure(fake, tmp_path):
     fake.malformed = set()
     assert run_interpret(InterpretConfig(sae=sae, retry_failed=True, **fast())) == 0  # and it can be retried
     assert set(read_latents(sae)) == {0, 1, 2, 3, 4}
+
+
+def test_steer_eval_judge_rates_each_completion_through_the_batch_client(fake, tmp_path):
+    """The LLM judge of ``llama3-sae steer-eval``: one request per completion, the rating parsed from the
+    reply, a reply without a rating a parse failure, mean rating per condition; a rerun asks nothing again."""
+    from rich.console import Console
+
+    from apps.steer_eval import SteerEvalConfig, judge
+
+    report = {"concept": "astronomy", "results": [{"completions": ["Stars and planets.", "Soup."]},
+                                                   {"completions": ["A comet passed.", "Tea."]}]}
+    fake.script = {"0-0": ["text:2"], "0-1": ["text:0"], "1-0": ["text:Rating: 1"], "1-1": ["text:no idea"]}
+    cfg = SteerEvalConfig(sae=tmp_path, judge=True, yes=True)
+    judge(report, cfg, tmp_path / "out", Console(stderr=True))
+    r0, r1 = report["results"]
+    assert (r0["judge_mean"], r0["judge_rated"]) == (1.0, 2) and (r1["judge_mean"], r1["judge_rated"]) == (1.0, 1)
+    assert any(x.get("status") == "parse_error" for x in results(tmp_path / "out", "judge"))
+    asked = fake.create_calls + fake.message_calls
+    judge(report, cfg, tmp_path / "out", Console(stderr=True))
+    assert fake.create_calls + fake.message_calls == asked  # resumed from the results file
