@@ -130,10 +130,11 @@ tr:nth-child(even) { background: rgba(128,128,128,.08); }
 """
 
 
-def latent_html(page: LatentPage, record: dict[str, Any], n_latents: int) -> str:
+def latent_html(page: LatentPage, record: dict[str, Any], prev: int | None, nxt: int | None) -> str:
+    """A latent's page of the site; ``prev`` / ``nxt``: the exported latents before and after it."""
     nav = ('<p><a href="index.html">all latents</a>'
-           + (f' · <a href="latent-{page.latent - 1}.html">previous</a>' if page.latent > 0 else "")
-           + (f' · <a href="latent-{page.latent + 1}.html">next</a>' if page.latent + 1 < n_latents else "") + "</p>")
+           + (f' · <a href="latent-{prev}.html">previous</a>' if prev is not None else "")
+           + (f' · <a href="latent-{nxt}.html">next</a>' if nxt is not None else "") + "</p>")
     hist = _bars_svg(record["freq_hist_data_bar_values"], record["freq_hist_data_bar_heights"],
                      "nonzero activations over the sampled documents")
     return (f"<!doctype html><meta charset=utf-8><title>latent {page.latent}</title><style>{SITE_CSS}</style>"
@@ -172,11 +173,12 @@ def export_dashboard(cfg: DashboardConfig, console: Console | None = None) -> Pa
     features, rows, labels = [], [], []
     with Progress(console=console) as bar:
         task = bar.add_task("dashboards", total=len(latents))
-        for lat in latents:
+        for i, lat in enumerate(latents):
             page = build_page(lat, catalog, sae=sae, model=model, tokenizer=tokenizer)
             record = feature_record(page, decoder_logits(sae, model, lat))
             features.append(record)
-            atomic_write_text(site_dir / f"latent-{lat}.html", latent_html(page, record, sae.cfg.n_latents))
+            prev, nxt = (latents[i - 1] if i else None), (latents[i + 1] if i + 1 < len(latents) else None)
+            atomic_write_text(site_dir / f"latent-{lat}.html", latent_html(page, record, prev, nxt))
             rows.append((lat, page.info.label, page.token_density, float(page.stats.get("max", 0.0))))
             labels.append({"index": lat, "description": page.info.label, "source": page.info.source,
                            "certainty": page.info.certainty})

@@ -20,7 +20,9 @@ Model calls go through one queue with ``--concurrency`` of them running at once.
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from llama3_sae.config import parse_config
@@ -141,6 +143,17 @@ def _contrast_tab(gr: Any) -> dict[str, Any]:
     return out
 
 
+def _geometry_tab(gr: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with gr.Row():
+        out["geo_other"] = gr.Textbox(label="another SAE's directory (another width, seed or layer)", scale=4,
+                                      elem_id="geometry-other")
+        out["geo_btn"] = gr.Button("Match latents", elem_id="geometry-btn", scale=1)
+    out["geo_summary"] = gr.Markdown("", elem_id="geometry-summary")
+    out["geo_map"] = gr.Image(label="decoder directions in 2-D", type="filepath", elem_id="geometry-map")
+    return out
+
+
 def _latent_tab(gr: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with gr.Row():
@@ -194,6 +207,8 @@ def _layout(gr: Any, app: WebApp, cfg: UiConfig) -> Page:
                     c.update(_chat_tab(gr))
                 with gr.Tab("Contrast", id="contrast", visible=has_sae):
                     c.update(_contrast_tab(gr))
+                with gr.Tab("Geometry", id="geometry", visible=has_sae):
+                    c.update(_geometry_tab(gr))
                 with gr.Tab("Latent", id="latent", visible=has_sae):
                     c.update(_latent_tab(gr))
         with gr.Column(scale=2, visible=has_sae):
@@ -437,6 +452,15 @@ def _wire_chat_contrast_attribution(gr: Any, app: WebApp, p: Page, cfg: UiConfig
 
     p.con_btn.click(do_contrast, [p.state, p.con_a, p.con_b, p.con_query, p.con_dir],
                     [p.state, p.con_summary, p.con_table, p.status], api_name="contrast", **queue)
+
+    def do_geometry(other: str):
+        try:
+            summary, image = app.geometry(other, Path(tempfile.mkdtemp(prefix="llama3-sae-geometry-")))
+        except (ValueError, OSError) as e:
+            return gr.skip(), gr.skip(), _fail(gr, ValueError(str(e)))
+        return summary, image, "Geometry done."
+
+    p.geo_btn.click(do_geometry, [p.geo_other], [p.geo_summary, p.geo_map, p.status], api_name="geometry")
 
     attr_outputs = [p.state, p.status, p.attr_summary] + [x for pair in zip(p.attr_rows, p.attr_texts) for x in pair]
     p.attr_btn.click(do_attribute, [p.state, p.attr_token, p.attr_by], attr_outputs, api_name="attribute", **queue)

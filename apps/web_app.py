@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import difflib
 import html
+import io
 import queue
 import re
 import secrets
@@ -17,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from rich.console import Console
+
 from sae import Edit
 from sae.conditions import Condition
 
 from .attribution import attribute
 from .contrast import run_contrast
+from .geometry import GeometryConfig, run_geometry
 from .engine import Engine, ModelOptions, Sampling, check_sampling
 from .latent_page import build_page, page_html, tokens_html
 from .latents import UNLABELLED
@@ -451,6 +455,25 @@ class WebApp:
             what = f"{len(a)} text(s) against the corpus baseline, by lift of the mean activation"
         return what + (f", reranked by labels matching {md_escape(query)!s}" if query else "") + \
             ". Click a row for its page.", table
+
+    # ------------------------------------------------------------------ geometry
+    def geometry(self, other: str, out_dir: Path) -> tuple[str, str | None]:
+        """Match this app's SAE (as B) against the SAE at ``other`` (A): a summary and the map's PNG path."""
+        if self.engine.sae is None or self.engine.sae_dir is None:
+            raise ValueError("geometry needs the app's SAE: start the app with --sae SAE_DIR")
+        text = (other or "").strip()
+        path = Path(text)
+        if not text or not path.exists():
+            raise ValueError(f"{other!r}: give the directory of another SAE of this model's width")
+        rep = run_geometry(GeometryConfig(a=path, b=Path(self.engine.sae_dir), out=out_dir, show=0),
+                           console=Console(file=io.StringIO()))
+        c = rep["counts"]
+        splits = "; ".join(f"A {s['a']} -> " + ", ".join(f"{b['latent']} ({b['cosine']:.2f})" for b in s["b"][:4])
+                           for s in rep["splits"][:5])
+        summary = (f"This SAE's {len(rep['latents']):,} latents against {md_escape(str(path))}: {c['matched']:,} "
+                   f"matched, {c['split']:,} in splits, {c['near']:,} near, {c['novel']:,} novel. Largest splits: "
+                   f"{splits or 'none'}.")
+        return summary, rep.get("map")
 
     # ------------------------------------------------------------------ latent pages
     def latent_page(self, latent: Any) -> str:

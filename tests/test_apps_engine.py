@@ -383,6 +383,8 @@ def test_export_dashboard_holds_the_top_examples_on_disk(env, tmp_path):
     assert "search labels" in index and all(f'href="latent-{i}.html"' in index for i in range(10))
     page = (site / "latent-3.html").read_text()
     assert 'href="index.html"' in page and 'data-latent="3"' in page
+    assert 'href="latent-2.html"' in page and 'href="latent-4.html"' in page
+    assert 'href="latent-10.html"' not in (site / "latent-9.html").read_text()  # only exported latents are linked
     labels = json.loads((out / "neuronpedia" / "explanations.json").read_text())
     assert [x["index"] for x in labels] == list(range(10)) and labels[0]["description"]
 

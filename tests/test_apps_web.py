@@ -170,6 +170,16 @@ def test_contrast_in_the_app_is_the_commands(app, engine):
         app.contrast(st, "", b)
 
 
+def test_geometry_in_the_app_matches_the_command(app, env, tmp_path):
+    """The app's SAE against itself: every latent matched with itself, and the map drawn."""
+    summary, image = app.geometry(str(env.sae), tmp_path)
+    assert f"{app.engine.n_latents:,} matched, 0 in splits, 0 near, 0 novel" in summary
+    if image is not None:
+        assert (tmp_path / "geometry.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="another SAE"):
+        app.geometry("", tmp_path)
+
+
 def test_token_view_values_are_the_latents_activations(app, engine, env):
     """The shading of each token is the SAE's activation of the highlighted latent there, computed here
     position by position from the model's stored activations; steered rows have the edit on top."""
