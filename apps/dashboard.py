@@ -155,7 +155,7 @@ def export_dashboard(cfg: DashboardConfig, console: Console | None = None) -> Pa
     console = console or Console(stderr=True)
     sae = load_sae(cfg.sae, site=cfg.site, device=cfg.device)
     catalog = LatentCatalog.from_dir(cfg.sae, sae.cfg.n_latents)
-    if catalog.examples(0) is None and not catalog.max_acts:
+    if not catalog.has_examples:
         raise ValueError(f"{cfg.sae} has no finished top_examples.jsonl: run `llama3-sae top-examples --sae {cfg.sae}` "
                          "first (the dashboards are its examples)")
     ckpt = resolve_checkpoint(cfg.ckpt_dir)

@@ -269,28 +269,32 @@ class Engine:
             out.append(ids)
         return out
 
+    def _dense_codes(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[B, T, n_latents] the SAE's code at every token of right-padded ``sequences`` (causal attention
+        keeps the padding out of the real tokens), from one forward without the KV cache. Call it holding
+        the lock, in inference mode, with the SAE's site stored."""
+        device = self.llm.model.tok_embeddings.weight.device
+        ids = torch.zeros(len(sequences), max(len(s) for s in sequences), dtype=torch.long, device=device)
+        for i, s in enumerate(sequences):
+            ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+        acts = self.llm.model.forward_activations(ids)[input_site_of(self.site)].float()  # [B, T, d]
+        B, T, d = acts.shape
+        return self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1)
+
     def mean_codes(self, sequences: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
         """[n, n_latents]: each sequence's mean activation of every latent over its tokens (the first token
         left out when the SAE was trained without first-token rows: it is an attention sink)."""
         if self.sae is None:
             raise ValueError("latent activations need an SAE, and none is loaded")
-        model = self.llm.model
-        device = model.tok_embeddings.weight.device
         skip = 1 if self.sae.cfg.first_token_excluded is not False else 0
-        key = input_site_of(self.site)
         out = []
-        with self._lock, torch.inference_mode(), model.hooks([self.site], None):
+        with self._lock, torch.inference_mode(), self.llm.model.hooks([self.site], None):
             for i in range(0, len(sequences), batch_size):
                 part = sequences[i:i + batch_size]
-                longest = max(len(s) for s in part)
-                ids = torch.zeros(len(part), longest, dtype=torch.long, device=device)
-                keep = torch.zeros(len(part), longest, dtype=torch.bool, device=device)
+                h = self._dense_codes(part)
+                keep = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
                 for r, s in enumerate(part):
-                    ids[r, :len(s)] = torch.tensor(list(s), dtype=torch.long)
                     keep[r, min(skip, len(s) - 1):len(s)] = True
-                acts = model.forward_activations(ids)[key].float()
-                B, T, d = acts.shape
-                h = self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1)
                 h = h * keep[..., None]
                 out.append((h.sum(1) / keep.sum(1, keepdim=True)).cpu())
         return torch.cat(out)
@@ -381,18 +385,8 @@ class Engine:
             raise ValueError("latent activations need an SAE, and none is loaded")
         self.catalog.check(latent)
         self.check_edits(edits)
-        model = self.llm.model
-        device = model.tok_embeddings.weight.device
-        longest = max(len(s) for s in sequences)
-        ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
-        for i, s in enumerate(sequences):  # right padding: causal attention keeps it out of the real tokens
-            ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-        key = input_site_of(self.site)
-        with self._lock, torch.inference_mode(), model.hooks([self.site], None):
-            acts = model.forward_activations(ids)[key].float()  # [B, T, d]
-            B, T, d = acts.shape
-            h = apply_edits(self.sae.encode(acts.reshape(B * T, d)).float().reshape(B, T, -1), edits)
-            col = h[:, :, latent].cpu()
+        with self._lock, torch.inference_mode(), self.llm.model.hooks([self.site], None):
+            col = apply_edits(self._dense_codes(sequences), edits)[:, :, latent].cpu()
         return [col[i, :len(s)].tolist() for i, s in enumerate(sequences)]
 
     # ------------------------------------------------------------------ convenience

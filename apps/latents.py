@@ -60,6 +60,11 @@ class LatentCatalog:
         index = ExamplesIndex.scan(sae_dir)
         return cls(n_latents, read_latents(sae_dir), index.max_acts if index else {}, index)
 
+    @property
+    def has_examples(self) -> bool:
+        """Whether a finished top-examples run is beside the SAE."""
+        return self._examples is not None
+
     def mean_acts_tensor(self) -> torch.Tensor | None:
         """[n_latents] per-token mean activation of every latent over the top-examples pass (None without it)."""
         if self._examples is None:
