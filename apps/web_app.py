@@ -104,9 +104,10 @@ class UiConfig(ModelOptions):
     """Initial temperature (0 = greedy)."""
     top_p: float = Sampling.top_p
     """Initial top-p."""
-    seed: int | None = Sampling.seed
-    """Initial seed. Empty: a new random seed for every generation, shared by its unsteered and steered rows
-    (so that the two differ by the steering only)."""
+    seed: int | None = 42
+    """Initial seed, so that the page's first results reproduce (Gradio shows an unset number as 0, which
+    would silently fix the seed at 0). Emptied in the page: a new random seed for every generation, shared by
+    its unsteered and steered rows (so that the two differ by the steering only)."""
     range_factor: float = 4.0
     """A slider spans +-this many times the latent's largest activation in its top examples (typing a value
     beyond that in the slider's box widens it)."""
