@@ -116,7 +116,7 @@ def main_contrast(argv: list[str] | None = None, prog: str = "llama3-sae contras
                        epilog="examples:\n  llama3-sae contrast --sae SAE_DIR --a weather.txt --b sport.txt\n"
                               "  llama3-sae contrast --sae SAE_DIR --a-text \"It rained all night.\" --query weather")
     a, b = cfg.texts()
-    engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=1)
+    engine = Engine.load(cfg, cfg.sae, cfg.site, max_batch_size=1, generates=False)
     rows = run_contrast(engine, a, b, query=cfg.query, direction=cfg.direction, top=cfg.top)
     if cfg.json:
         out: list[dict[str, Any]] = [{**asdict(r), "label": engine.catalog.label(r.latent)} for r in rows]

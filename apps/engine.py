@@ -19,6 +19,7 @@ import torch
 
 from llama3 import Llama
 from llama3.checkpoint import read_model_args, resolve_checkpoint
+from llama3.decode_paths import DecodePathName
 from llama3.generation import Completion, Dialog
 from llama3.model import Site
 from llama3_sae.devices import DTYPES, DTypeName, resolve_device
@@ -43,8 +44,15 @@ class ModelOptions:
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
     model_dtype: DTypeName = "bf16"
     """Dtype the model's weights and activations are computed in."""
+    decode_path: DecodePathName = "auto"
+    """How decode steps run: auto times the candidates on this machine at the first generation (a few seconds to
+    a minute, once: the choice is cached per CPU, torch version and model shape, and printed), or force one:
+    eager, swapped (small-batch products as W @ x.T), compiled (torch.compile of one block, CPU matrix-vector
+    reductions), inductor (the same with inductor's defaults), onednn (oneDNN on packed weight copies) or int8
+    (int8 weight-only, lossy). $LLAMA3_SAE_DECODE_PATH sets what auto means."""
     compile: bool = False
-    """torch.compile the decode step: faster decoding after a compile of a few seconds to minutes."""
+    """torch.compile the whole decode step as one graph (minutes to compile; --decode-path compiled compiles one
+    block in seconds)."""
 
 
 @dataclass
@@ -183,8 +191,9 @@ class Engine:
 
     @classmethod
     def load(cls, model: ModelOptions, sae_path: Path | None = None, site: str | None = None, *,
-             max_batch_size: int = 1) -> "Engine":
-        """Load the SAE first and check it fits the checkpoint's shape before the (large) model is read."""
+             max_batch_size: int = 1, generates: bool = True) -> "Engine":
+        """Load the SAE first and check it fits the checkpoint's shape before the (large) model is read.
+        ``generates``: the caller will generate, so an auto decode path is chosen now (before any output)."""
 
         device = resolve_device(model.device)
         ckpt = resolve_checkpoint(model.ckpt_dir)
@@ -200,7 +209,10 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         llm = Llama.build(ckpt, max_seq_len=model.max_seq_len, max_batch_size=max_batch_size,
-                          device=device, dtype=DTYPES[model.model_dtype], compile=model.compile)
+                          device=device, dtype=DTYPES[model.model_dtype], compile=model.compile,
+                          decode_path=model.decode_path)
+        if generates:
+            llm.prepare_decode(max_batch_size)
         catalog = LatentCatalog.from_dir(sae_path, sae.cfg.n_latents) if sae is not None else None
         return cls(llm, sae, catalog, site, ckpt_dir=ckpt, sae_dir=sae_path)
 

@@ -2,7 +2,8 @@
 
 One run, the same file for every contender:
 
-- ours, eager and with the compiled decode step (``Llama.compile``), weights dequantized to the dtype;
+- ours, weights dequantized to the dtype, on each decode path of ``--paths`` (by default ``auto``, the
+  apps' default, which measures the candidates on this machine and caches the choice, and ``eager``);
 - HF transformers reading the same GGUF (``from_pretrained(gguf_file=...)``, SDPA, its dynamic cache);
 - llama.cpp through ``llama-cpp-python`` on the Q4_1 file itself (what a CPU user would run), when
   ``--llama-cpp-python PATH`` names a Python that has it (it compiles from source: keep it in its own
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prefill-len", type=int, default=64, help="prompt length in tokens (random ids)")
     p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per generation")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per contender and setting")
-    p.add_argument("--no-compile", action="store_true", help="skip our compiled decode step")
+    p.add_argument("--paths", default="auto,eager",
+                   help="our decode paths, comma-separated: auto (the apps' default: measured on this machine and "
+                        "cached), eager, swapped, compiled, inductor, onednn, or graph (the whole step as one "
+                        "torch.compile graph; minutes to compile)")
     p.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     p.add_argument("--llama-cpp-python", default=None, help="a Python interpreter with llama-cpp-python installed")
     p.add_argument("--no-load", action="store_true", help="skip the loading measurements")
@@ -166,11 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
         batches = [int(b) for b in a.batches.split(",")]
         eager = Llama.build(path, max_seq_len=a.prefill_len + a.decode_tokens + 8, max_batch_size=max(batches),
                             device="cpu", dtype=dtype)
-        contenders = {"ours eager": lambda pr, llm=eager: time_ours(llm, pr, a.decode_tokens)}
-        if not a.no_compile:
-            compiled = Llama(eager.model, eager.tokenizer)
-            compiled.compile()
-            contenders["ours compiled"] = lambda pr, llm=compiled: time_ours(llm, pr, a.decode_tokens)
+        contenders = {}
+        for dp in a.paths.split(","):  # every path shares the one model: none changes its weights
+            ours = Llama(eager.model, eager.tokenizer, decode_path="eager" if dp == "graph" else dp)
+            if dp == "graph":
+                ours.compile()
+            contenders[f"ours {dp}"] = lambda pr, llm=ours: time_ours(llm, pr, a.decode_tokens)
         if not a.no_hf:
             from transformers import AutoModelForCausalLM
 
@@ -178,19 +183,24 @@ def main(argv: list[str] | None = None) -> dict:
             contenders["HF transformers"] = lambda pr, m=hf: time_hf(m, pr, a.decode_tokens)
         for B in batches:
             prompts = [prompt_ids(a.prefill_len, eager.model.params.vocab_size, seed=i) for i in range(B)]
-            for fn in contenders.values():  # warm-up (and compilation) outside the timing
+            for fn in contenders.values():  # warm-up (calibration, compilation) outside the timing
                 fn(prompts)
+            labels = {k: k for k in contenders}
+            for k in contenders:
+                if k == "ours auto":
+                    llm = Llama(eager.model, eager.tokenizer, decode_path="auto", report=lambda line: None)
+                    labels[k] = f"ours auto: {llm.prepare_decode(B)}"
             runs: dict[str, list[tuple[float, float]]] = {k: [] for k in contenders}
             for r in range(a.repeats):
                 order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
                 for name in order:
                     runs[name].append(contenders[name](prompts))
             for name, rs in runs.items():
-                row = {"dtype": dname, "batch": B, "contender": name,
+                row = {"dtype": dname, "batch": B, "contender": labels[name],
                        "prefill_tok_s": statistics.median(x[0] for x in rs),
                        "decode_tok_s": statistics.median(x[1] for x in rs)}
                 results["speed"].append(row)
-                print(f"{dname:5} batch {B}  {name:16} prefill {row['prefill_tok_s']:8.0f} tok/s   "
+                print(f"{dname:5} batch {B}  {labels[name]:24} prefill {row['prefill_tok_s']:8.0f} tok/s   "
                       f"decode {row['decode_tok_s']:7.1f} tok/s", flush=True)
         del eager
     if a.llama_cpp_python:

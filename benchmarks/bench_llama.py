@@ -3,8 +3,7 @@
 Both models hold the same random weights (Llama-3.2-1B widths by default) in the same dtype; the HF
 twin is a ``LlamaForCausalLM`` assigned our tensors (q/k rows permuted to HF's rotary layout, every
 other weight shared, so memory holds one copy). Each repeat runs the same random prompt through
-``Llama.stream`` (greedy, batch 1; decode step and prefill compiled unless ``--no-compile`` /
-``--no-compile-prefill``) and through HF
+``Llama.stream`` (greedy, batch 1; each decode path of ``--paths``, by default the apps' ``auto``) and through HF
 ``generate`` (greedy, its default dynamic cache and SDPA attention), alternating which goes first, so
 background load hits both alike. Times come from each loop's own per-token callback:
 
@@ -64,10 +63,12 @@ class Options:
     """prompt length in tokens (random ids)"""
     repeats: int = 3
     """timed generations per model, after one untimed warm-up each"""
-    compile: bool = True
-    """compile our decode step with torch.compile (``Llama.compile``)"""
-    compile_prefill: bool = True
-    """with --compile, also compile our prefill (``Llama.compile(prefill=True)``, dynamic shapes)"""
+    paths: str = "auto"
+    """our decode paths to time, comma-separated: auto (the apps' default: measured on this machine, cached),
+    any of eager, swapped, compiled, inductor, onednn, or graph (the whole step as one torch.compile graph,
+    ``Llama.compile``; minutes to compile)"""
+    compile_prefill: bool = False
+    """with the graph path, also compile our prefill (``Llama.compile(prefill=True)``, dynamic shapes)"""
     int8: bool = False
     """also run our model with int8 weight-only linears, and report greedy agreement with the base dtype"""
     hf: bool = True
@@ -299,11 +300,12 @@ def _contestants(opt: Options, model: Transformer, tokenizer: Tokenizer, prompt:
     max_seq_len = opt.prefill_len + opt.decode_tokens
     n_bytes = decode_bytes(model)
     contestants: dict[str, tuple[Callable[[], Run], int]] = {}
-    ours = Llama(model, tokenizer)
-    if opt.compile:
-        ours.compile(prefill=opt.compile_prefill)
-    mode = ("compiled" if opt.compile_prefill else "compiled decode") if opt.compile else "eager"
-    contestants[f"ours ({mode})"] = (lambda: run_ours(ours, prompt, opt.decode_tokens, sync), n_bytes)
+    for path in opt.paths.split(","):
+        ours = Llama(model, tokenizer, decode_path="eager" if path == "graph" else path)
+        if path == "graph":
+            ours.compile(prefill=opt.compile_prefill)
+        label = f"auto: {ours.prepare_decode(1)}" if path == "auto" else path
+        contestants[f"ours ({label})"] = (lambda llm=ours: run_ours(llm, prompt, opt.decode_tokens, sync), n_bytes)
     hf = None
     if opt.hf:
         hf = hf_twin(model)
@@ -312,10 +314,8 @@ def _contestants(opt: Options, model: Transformer, tokenizer: Tokenizer, prompt:
     if opt.int8:
         qmodel = int8_twin(model)
         qmodel.setup_cache(1, max_seq_len)
-        q = Llama(qmodel, tokenizer)
-        if opt.compile:
-            q.compile(prefill=opt.compile_prefill)
-        contestants[f"ours int8 ({mode})"] = (lambda: run_ours(q, prompt, opt.decode_tokens, sync), decode_bytes(qmodel))
+        q = Llama(qmodel, tokenizer, decode_path="compiled")
+        contestants["ours int8 (compiled)"] = (lambda: run_ours(q, prompt, opt.decode_tokens, sync), decode_bytes(qmodel))
     return contestants, qmodel, hf
 
 

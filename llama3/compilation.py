@@ -23,10 +23,16 @@ aten = torch.ops.aten
 
 
 def _gemv_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):
-    """``a @ b`` for a [1, K] CPU row as a multiply-and-sum; anything else stays an ``mm``."""
-    if out_dtype is not None or a.device.type != "cpu" or a.dim() != 2 or a.shape[0] != 1:
+    """``a @ b`` for a [1, K] CPU row as a multiply-and-sum; for 2-16 fp32 rows as ``(b.T @ a.T).T`` (the
+    weight as the GEMM's row-major left operand is streamed once, see ``llama3.decode_paths``); anything
+    else stays an ``mm``."""
+    if out_dtype is not None or a.device.type != "cpu" or a.dim() != 2:
         return NotImplemented
-    return (a.float().unsqueeze(2) * b.float().unsqueeze(0)).sum(dim=1).to(a.dtype)  # [1, N]
+    if a.shape[0] == 1:
+        return (a.float().unsqueeze(2) * b.float().unsqueeze(0)).sum(dim=1).to(a.dtype)  # [1, N]
+    if a.shape[0] <= 16 and a.dtype == torch.float32:
+        return aten.bmm(b.t().unsqueeze(0), a.t().unsqueeze(0))[0].t()  # bmm: not decomposed again
+    return NotImplemented
 
 
 class _DecompTable(dict):

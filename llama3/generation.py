@@ -10,6 +10,7 @@ not depend on what else is in the batch.
 from __future__ import annotations
 
 import codecs
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from .chat_template import chat_format_for
 from .checkpoint import check_vocab, detect_layout, load_model, load_tokenizer
 from .compilation import decode_compile_options
+from .decode_paths import PATHS, DecodeStep, build_step, choose
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -82,22 +84,44 @@ class _Utf8Stream:
 class Llama:
     """A Llama 3 model with its tokenizer and chat format, ready to generate."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, decode_path: str = "eager",
+                 report: Callable[[str], None] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = chat_format_for(tokenizer)
         self._decode_step: Callable | None = None
         self._prefill: Callable | None = None
+        self._steps: dict[str, DecodeStep] = {}  # by path name; one step serves every batch size
+        self._path_of: dict[int, str] = {}  # by batch size
+        self.report = report
+        """Where the auto decode path's one-line choice goes (default: stderr)."""
+        self.set_decode_path(decode_path)
+
+    def set_decode_path(self, name: str) -> None:
+        """How decode steps run (``llama3.decode_paths``): ``auto`` measures the candidates on this machine
+        (once for batch 1 and once for larger batches, at their first generation; cached on disk), or one of
+        ``PATHS`` forced. ``$LLAMA3_SAE_DECODE_PATH``, when set, is what ``auto`` means. ``int8`` quantises
+        the model in place and cannot be undone."""
+        if name == "auto":
+            name = os.environ.get("LLAMA3_SAE_DECODE_PATH") or "auto"
+        if name != "auto" and name not in PATHS:
+            raise ValueError(f"unknown decode path {name!r}; expected auto or one of {', '.join(PATHS)}")
+        self._steps, self._path_of = {}, {}
+        self.decode_path = name
+        if name == "int8":  # quantise now, before anything else reads the weights
+            self._steps[name] = build_step(self.model, name)
 
     @staticmethod
     def build(ckpt_dir: str | Path, max_seq_len: int = 2048, max_batch_size: int = 4,
               device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-              store_layer_activ=None, sae_layer_forward_fn=None, compile: bool = False) -> "Llama":
+              store_layer_activ=None, sae_layer_forward_fn=None, compile: bool = False,
+              decode_path: str = "eager", report: Callable[[str], None] | None = None) -> "Llama":
         """Load a Meta (params.json + consolidated.*.pth) or HF (config.json + *.safetensors) checkpoint, or a
         GGUF file (or a directory holding one), with the checkpoint's own tokenizer and chat format.
 
-        The KV cache is sized ``max_batch_size x max_seq_len``. ``compile=True`` compiles the one-token
-        decode step with torch.compile (static shapes; the first steps pay the compile time).
+        The KV cache is sized ``max_batch_size x max_seq_len``. ``decode_path``: how decode steps run
+        (``set_decode_path``; ``auto`` measures). ``compile=True`` compiles the whole one-token decode step
+        as one graph with torch.compile (static shapes; the first steps pay minutes of compile time).
         """
 
         if device is None:
@@ -110,7 +134,7 @@ class Llama:
         check_vocab(model.params, tokenizer.n_words, exact=None, tokenizer=tokenizer)
         model.eval()
         model.setup_cache(max_batch_size, max_seq_len)
-        llm = Llama(model, tokenizer)
+        llm = Llama(model, tokenizer, decode_path=decode_path, report=report)
         if compile:
             llm.compile()
         llm.load_seconds = time.perf_counter() - start
@@ -240,15 +264,41 @@ class Llama:
     def _next_logits(self, chunk: torch.Tensor, start_pos: int) -> torch.Tensor:
         """The logits [B, vocab] after ``chunk`` (tokens from ``start_pos``): the compiled one-token step when
         there is one, else the (compiled) prefill or the model."""
-        if self._decode_step is not None and chunk.shape[1] == 1:
+        if chunk.shape[1] == 1 and (self._decode_step is not None or self.decode_path != "eager"):
             # A fresh [B, 1] tensor: the slice's row stride is total_len, and torch.compile guards on
             # strides, so passing the slice would recompile for every new prompt/generation length.
             step_input = torch.empty(chunk.shape, dtype=chunk.dtype, device=chunk.device).copy_(chunk)
-            logits = self._decode_step(step_input, torch.tensor(start_pos, device=chunk.device))
+            if self._decode_step is not None:
+                logits = self._decode_step(step_input, torch.tensor(start_pos, device=chunk.device))
+            else:
+                logits = self._step_for(chunk.shape[0])(step_input, start_pos)
         else:
             forward = self._prefill if self._prefill is not None else self.model
             logits = forward(chunk, start_pos, last_only=True)
         return logits[:, -1]
+
+    def _step_for(self, batch: int) -> DecodeStep:
+        # Batch 1 (matrix-vector products) and larger batches behave differently; all larger batches share
+        # one calibration, at the cache's batch size.
+        bucket = 1 if batch == 1 else self.model.cache_shape[0]
+        name = self._path_of.get(bucket)
+        if name is None:
+            name = self.decode_path if self.decode_path != "auto" else choose(self.model, bucket, report=self.report).path
+            self._path_of[bucket] = name
+        if name not in self._steps:
+            self._steps[name] = build_step(self.model, name)
+        return self._steps[name]
+
+    def prepare_decode(self, batch: int) -> str:
+        """Choose (with ``auto``: calibrate now, not at the first generation) and build the decode path for
+        ``batch`` rows; returns its name."""
+        return self._step_for(batch).name
+
+    def decode_path_for(self, batch: int) -> str | None:
+        """The path decode steps of ``batch`` rows take (None: not chosen yet)."""
+        if self.decode_path != "auto":
+            return self.decode_path
+        return self._path_of.get(1 if batch == 1 else self.model.cache_shape[0])
 
     def generate(self, prompt_tokens: Sequence[Sequence[int]], **kwargs) -> list[Completion]:
         result: list[Completion] = []

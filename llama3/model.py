@@ -104,7 +104,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                start_pos: int | torch.Tensor, use_cache: bool) -> torch.Tensor:
+                start_pos: int | torch.Tensor, use_cache: bool, kv_len: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -118,12 +118,13 @@ class Attention(nn.Module):
         if use_cache:
             cache = self.cache
             if isinstance(start_pos, torch.Tensor):
-                # Static-shape path (torch.compile): write at the given positions, attend over the whole
-                # cache with a mask, so every decode step has the same shapes.
+                # Static-shape path (torch.compile): write at the given positions, attend over the first
+                # kv_len positions of the cache (default: all of it) with a mask, so every decode step has
+                # the same shapes.
                 pos = start_pos + torch.arange(T, device=x.device)
                 cache.k[:B].index_copy_(2, pos, k)
                 cache.v[:B].index_copy_(2, pos, v)
-                k, v = cache.k[:B], cache.v[:B]
+                k, v = cache.k[:B, :, :kv_len], cache.v[:B, :, :kv_len]
                 mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos[:, None]  # [T, S]
                 is_causal = False
             else:
@@ -170,13 +171,13 @@ class TransformerBlock(nn.Module):
         return x if fn is None else fn(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                use_cache: bool, acts: dict[str, torch.Tensor] | None) -> torch.Tensor:
+                use_cache: bool, acts: dict[str, torch.Tensor] | None, kv_len: int | None = None) -> torch.Tensor:
         if not self.store_points and not self.fns:
-            h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, use_cache)
+            h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, use_cache, kv_len)
             return h + self.feed_forward(self.ffn_norm(h))
         x = self._site("resid_pre", x, acts)
         a = self._site("attn_in", self.attention_norm(x), acts)
-        a = self._site("attn_out", self.attention(a, cos, sin, start_pos, use_cache), acts)
+        a = self._site("attn_out", self.attention(a, cos, sin, start_pos, use_cache, kv_len), acts)
         h = self._site("resid_mid", x + a, acts)
         m = self._site("mlp_in", self.ffn_norm(h), acts)
         tc = self.fns.get(TRANSCODER)
@@ -308,7 +309,7 @@ class Transformer(nn.Module):
         return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     # ------------------------------------------------------------------ forward
-    def _check(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> bool:
+    def check_input(self, tokens: torch.Tensor, start_pos: int | torch.Tensor) -> bool:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -325,7 +326,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len={limit}")
         return shape is not None
 
-    def _rope(self, start_pos: int | torch.Tensor, T: int):
+    def rope_at(self, start_pos: int | torch.Tensor, T: int):
         if isinstance(start_pos, torch.Tensor):
             pos = start_pos + torch.arange(T, device=self.rope_cos.device)
             return self.rope_cos[pos], self.rope_sin[pos]
@@ -337,10 +338,10 @@ class Transformer(nn.Module):
         With a KV cache (``setup_cache``), continues from ``start_pos`` as Meta's reference does; a
         0-dim tensor ``start_pos`` takes the static-shape path that torch.compile likes.
         """
-        use_cache = self._check(tokens, start_pos)
+        use_cache = self.check_input(tokens, start_pos)
         acts: dict[str, torch.Tensor] | None = {} if self.store_sites else None
         h = self.tok_embeddings(tokens)
-        cos, sin = self._rope(start_pos, tokens.shape[1])
+        cos, sin = self.rope_at(start_pos, tokens.shape[1])
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, use_cache, acts)
         if acts is not None:
@@ -361,7 +362,7 @@ class Transformer(nn.Module):
         last = max(s.layer for s in self.store_sites)
         acts: dict[str, torch.Tensor] = {}
         h = self.tok_embeddings(tokens)
-        cos, sin = self._rope(0, tokens.shape[1])
+        cos, sin = self.rope_at(0, tokens.shape[1])
         for layer in self.layers[: last + 1]:
             h = layer(h, cos, sin, 0, False, acts)
         self.activations = acts

@@ -9,8 +9,15 @@ for _path in (str(_TESTS), str(_TESTS.parent)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The apps' default decode path (auto) times candidates at the first generation of every new model shape; the
+# tests' tiny models would pay it over and over (subprocesses inherit this too). tests/test_decode_paths.py
+# exercises auto itself.
+os.environ.setdefault("LLAMA3_SAE_DECODE_PATH", "eager")
 
 
 @pytest.fixture(scope="module")
