@@ -43,6 +43,8 @@ class Options:
     threads: int | None
     seed: int
     adamw: str
+    bf16: bool = False
+    profile: bool = False
 
 
 class DenseTopKSAE(nn.Module):
@@ -96,8 +98,9 @@ def build(opt: Options):
     return ours, dense
 
 
-def step_ours(sae: SparseAutoencoder, optim: torch.optim.Optimizer, x: torch.Tensor) -> float:
-    out = sae(x)
+def step_ours(sae: SparseAutoencoder, optim: torch.optim.Optimizer, x: torch.Tensor,
+              select_dtype: torch.dtype | None = None) -> float:
+    out = sae(x, select_dtype=select_dtype)
     optim.zero_grad(set_to_none=True)
     out.loss.backward()
     sae.project_decoder_grad_()
@@ -132,12 +135,17 @@ def run(opt: Options) -> None:
     ours, dense = build(opt)
     opt_ours, opt_dense = adamw(ours.parameters(), opt.adamw), adamw(dense.parameters(), opt.adamw)
 
-    times: dict[str, list[float]] = {"ours (sparse)": [], "dense TopK": []}
+    contenders = {"ours (sparse)": lambda: step_ours(ours, opt_ours, x),
+                  "dense TopK": lambda: step_dense(dense, opt_dense, x)}
+    if opt.bf16:
+        ours16 = build(opt)[0]
+        opt16 = adamw(ours16.parameters(), opt.adamw)
+        contenders["ours, bf16 selection (--bf16)"] = lambda: step_ours(ours16, opt16, x, torch.bfloat16)
+    times: dict[str, list[float]] = {n: [] for n in contenders}
     first_losses = None
     for i in range(opt.warmup + opt.steps):
         # Alternate which goes first so drift in background load does not favour either.
-        order = [("ours (sparse)", lambda: step_ours(ours, opt_ours, x)),
-                 ("dense TopK", lambda: step_dense(dense, opt_dense, x))]
+        order = list(contenders.items())
         if i % 2:
             order.reverse()
         losses, took = {}, {}
@@ -175,6 +183,35 @@ def run(opt: Options) -> None:
     print(f"| encoder matmul alone (floor) | {statistics.median(floor):.3f} | {min(floor):.3f} | | |")
     print()
     print(f"ours / floor (median): {med['ours (sparse)'] / statistics.median(floor):.2f}x")
+    if opt.profile:
+        where_the_time_goes(ours, opt_ours, x)
+
+
+# Profiler op names -> the phase of the step they belong to (the rest is "other").
+PHASES = {"aten::addmm": "encoder matmul", "aten::mm": "encoder matmul", "aten::topk": "TopK selection",
+          "aten::_embedding_bag": "sparse decode + encoder-row gathers",
+          "aten::_embedding_bag_dense_backward": "sparse backward (dense W_enc/W_dec gradients)",
+          "aten::_embedding_bag_per_sample_weights_backward": "sparse backward (code gradients)",
+          "aten::linalg_vecdot": "decoder gradient projection", "aten::addcmul_": "decoder gradient projection",
+          "aten::_fused_adamw_": "AdamW", "aten::linalg_vector_norm": "decoder renorm", "aten::div_": "decoder renorm",
+          "aten::fill_": "zero fills (gradients, buffers)", "aten::zero_": "zero fills (gradients, buffers)",
+          "aten::copy_": "copies (the addmm bias broadcast)"}
+
+
+def where_the_time_goes(sae: SparseAutoencoder, optim: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One more step of ours under the torch profiler, self time grouped by phase."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step_ours(sae, optim, x)
+    phases: dict[str, float] = {}
+    for ev in prof.key_averages():
+        phase = PHASES.get(ev.key, "other")
+        phases[phase] = phases.get(phase, 0.0) + ev.self_cpu_time_total / 1e6
+    total = sum(phases.values())
+    print("\n| phase of our step | self time (s) | share |\n| --- | ---: | ---: |")
+    for phase, t in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"| {phase} | {t:.3f} | {t / total:.0%} |")
 
 
 def parse(argv: list[str] | None = None) -> Options:
@@ -191,6 +228,9 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adamw", choices=("fused", "foreach"), default="fused",
                    help="AdamW implementation, the same for both (default fused; foreach is torch's default)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time ours with the latent-selecting encoder matmul in bfloat16 (training's --bf16)")
+    p.add_argument("--profile", action="store_true", help="after the timing, where our step's time goes, by phase")
     a = p.parse_args(argv)
     if min(a.d_model, a.n_latents, a.k, a.batch, a.steps) <= 0 or a.warmup < 0:
         p.error("sizes and --steps must be positive, --warmup non-negative")
@@ -198,7 +238,8 @@ def parse(argv: list[str] | None = None) -> Options:
         p.error(f"--k {a.k} exceeds --n-latents {a.n_latents}")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda given but CUDA is not available")
-    return Options(a.d_model, a.n_latents, a.k, a.batch, a.steps, a.warmup, a.device, a.threads, a.seed, a.adamw)
+    return Options(a.d_model, a.n_latents, a.k, a.batch, a.steps, a.warmup, a.device, a.threads, a.seed, a.adamw,
+                   a.bf16, a.profile)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,25 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, weight: torch.Ten
     return F.embedding_bag(indices, weight, per_sample_weights=values.to(weight.dtype), mode="sum")
 
 
+GATHER_CHUNK_ELEMENTS = 1 << 24
+"""Gathered weight entries per chunk in ``gathered_pre`` (64 MiB of float32)."""
+
+
+@torch.no_grad()
+def gathered_pre(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """(x @ weight.T + bias).gather(1, indices) without the dense [N, n_latents] product: each token's
+    chosen rows only, a chunk of tokens at a time. x: [N, d]; indices: [N, m] -> [N, m]."""
+    n, m = indices.shape
+    out = torch.empty(n, m, dtype=weight.dtype, device=weight.device)
+    rows = max(1, GATHER_CHUNK_ELEMENTS // max(1, m * weight.shape[1]))
+    for i in range(0, n, rows):
+        idx = indices[i:i + rows]
+        w = weight[idx]  # [rows, m, d]
+        torch.baddbmm(bias[idx].unsqueeze(2), w, x[i:i + rows].to(weight.dtype).unsqueeze(2),
+                      out=out[i:i + rows].unsqueeze(2))
+    return out
+
+
 class _GatheredReluLinear(torch.autograd.Function):
     """relu(x W^T + b) at ``indices``, with forward values supplied and a row-sparse backward."""
 

@@ -423,3 +423,47 @@ def test_batchtopk_refuses_k_at_inference_with_a_clear_reason():
     sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=L, architecture="batchtopk", k=4), seed=0).eval()
     with pytest.raises(ValueError, match="learned threshold at inference"):
         sae.encode(torch.randn(3, D), k=2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 100, 1])
+def test_project_rows_chunked_equals_the_whole_matrix_formula(monkeypatch, chunk_bytes):
+    import sae.model as model_mod
+
+    monkeypatch.setattr(model_mod, "PROJECT_CHUNK_BYTES", chunk_bytes)  # 100 bytes: 2 rows of 12 floats per chunk
+    g0 = torch.Generator().manual_seed(3)
+    g, w = torch.randn(L, D, generator=g0), 2.0 * torch.randn(L, D, generator=g0)  # rows far from unit norm
+    expected = g - ((g * w).sum(1) / (w * w).sum(1))[:, None] * w
+    got = g.clone()
+    model_mod.project_rows_(got, w)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_selection_keeps_fp32_values_and_gradients():
+    # 256 latents, k=4: the sparse path (with 40 latents k=4 is past DENSE_FRACTION and recomputes densely).
+    n = 256
+    sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=n, k=4, normalization="none"), seed=0)
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn(n, D, generator=torch.Generator().manual_seed(5)))
+        sae.b_enc.copy_(0.1 * torch.randn(n, generator=torch.Generator().manual_seed(6)))
+    x = data()
+    out = sae(x, select_dtype=torch.bfloat16)
+    idx = out.code.indices
+    xc = sae.normalize(x)[0] - sae.b_pre
+    with torch.no_grad():
+        pre32 = xc @ sae.W_enc.t() + sae.b_enc
+        pre16 = torch.addmm(sae.b_enc.bfloat16(), xc.bfloat16(), sae.W_enc.bfloat16().t()).relu()
+    # The latents are the bf16 top-k (ties aside: compare the kept bf16 values with the k-th largest)...
+    kth = pre16.topk(4, dim=1).values[:, -1:]
+    assert (pre16.gather(1, idx) >= kth).all()
+    # ...and their values are the exact fp32 pre-activations (bf16 has 8 bits: 0.4% apart at best).
+    torch.testing.assert_close(out.code.values, pre32.gather(1, idx).relu(), rtol=1e-6, atol=1e-6)
+    # Gradients equal an fp32 step that keeps the same latents: the dense reference on that code.
+    out.loss.backward()
+    ours = grads(sae)
+    zero_grads(sae)
+    xn = sae.normalize(x)[0]
+    h = torch.zeros(x.shape[0], n).scatter(1, idx, (((xn - sae.b_pre) @ sae.W_enc.t() + sae.b_enc).gather(1, idx)).relu())
+    ((h @ sae.W_dec + sae.b_pre - xn) ** 2).mean().backward()
+    ref = grads(sae)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -62,6 +62,8 @@ def test_bad_options_are_reported_together():
     msg = str(e.value)
     for part in ("--k must be > 0", "--lr must be > 0", "--betas", "divisible by --model-parallel 3"):
         assert part in msg
+    with pytest.raises(ValueError, match="--bf16 trains with data parallelism only"):
+        TrainConfig(store="s", out="o", n_latents=128, model_parallel=2, bf16=True)
     with pytest.raises(ValueError, match="--k-anneal-steps needs --k-anneal-start"):
         TrainConfig(store="s", out="o", k_anneal_steps=10)
     with pytest.raises(ValueError, match="cannot be combined"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae import KSchedule, load_sae
+from sae import KSchedule, SparseAutoencoder, load_sae
 from sae.metrics import evaluate_reconstruction
 from training import checkpoint as ckpt
 from training.cli import main_train
@@ -152,9 +152,18 @@ def test_ema_weights_are_saved_with_unit_decoder_rows(store, tmp_path):
     assert json.loads((out / "metrics_summary.json").read_text())["ema"] is True
 
 
-def test_bf16_autocast_trains(store, tmp_path):
+def test_bf16_selection_trains(store, tmp_path, monkeypatch):
     out = tmp_path / "sae"
+    seen = set()
+    forward = SparseAutoencoder.forward
+
+    def spy(self, x, **kw):
+        seen.add(kw.get("select_dtype"))
+        return forward(self, x, **kw)
+
+    monkeypatch.setattr(SparseAutoencoder, "forward", spy)
     assert main_train(_args(store, out, bf16=True, plots=False, steps=20, val_every=0)) == 0
+    assert torch.bfloat16 in seen  # the training steps select in bf16 (the final evaluation does not)
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
     assert all(math.isfinite(r["mse"]) for r in train) and train[-1]["mse"] < train[0]["mse"]
     assert load_sae(out).W_enc.dtype == torch.float32  # weights stay float32

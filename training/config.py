@@ -91,7 +91,10 @@ class TrainConfig:
     epochs: float = 1.0
     """Passes over the training rows when --steps is not given."""
     bf16: bool = False
-    """Run the forward pass under bfloat16 autocast (weights and optimizer state stay float32)."""
+    """Compute the encoder matmul that picks each token's latents (the step's floor) in bfloat16: several times
+    faster on CPUs with AMX or AVX-512-BF16 and on GPUs, slower on CPUs without (measured in
+    benchmarks/RESULTS.md). The kept latents' values, the decoder, the losses, all gradients and the optimizer
+    stay float32; near-ties may pick other latents than a float32 selection. Validation stays float32."""
     ema_decay: float | None = None
     """Keep an exponential moving average of the weights with this decay (e.g. 0.999); the saved SAE
     and the validation then use the average."""
@@ -201,6 +204,8 @@ class TrainConfig:
                                 f"{self.model_parallel} (each rank holds an equal slice of the latents)")
             if self.architecture != "topk":
                 problems.append("--model-parallel > 1 supports --architecture topk only")
+            if self.bf16:
+                problems.append("--bf16 trains with data parallelism only; drop --model-parallel or --bf16")
         if self.target_store is not None:
             if self.model_parallel > 1:
                 problems.append("--target-store (a transcoder) trains with data parallelism only; drop --model-parallel")

@@ -43,13 +43,14 @@ class SAEObjective(nn.Module):
     and its gradient all-reduce hooks fire (calling a method of ``model.module`` bypasses them, and every
     rank trains its own copy)."""
 
-    def __init__(self, sae: SparseAutoencoder, k_aux: int, aux_coeff: float):
+    def __init__(self, sae: SparseAutoencoder, k_aux: int, aux_coeff: float, select_dtype: torch.dtype | None = None):
         super().__init__()
-        self.sae, self.k_aux, self.aux_coeff = sae, k_aux, aux_coeff
+        self.sae, self.k_aux, self.aux_coeff, self.select_dtype = sae, k_aux, aux_coeff, select_dtype
 
     def forward(self, x: torch.Tensor, k: int, dead_mask: torch.Tensor | None,
                 target: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        out = self.sae(x, target=target, k=k, dead_mask=dead_mask, k_aux=self.k_aux, aux_coeff=self.aux_coeff)
+        out = self.sae(x, target=target, k=k, dead_mask=dead_mask, k_aux=self.k_aux, aux_coeff=self.aux_coeff,
+                       select_dtype=self.select_dtype)
         l0 = (out.code.values > 0).sum(-1).float().mean()
         return out.loss, out.mse.detach(), out.aux_loss.detach(), out.fired, out.x_hat.detach(), l0
 
@@ -71,7 +72,8 @@ class Replicated:
 
     def build(self, sae: SparseAutoencoder) -> None:
         self.sae = sae
-        objective = SAEObjective(sae, self.cfg.k_aux, self.cfg.aux_coeff)
+        objective = SAEObjective(sae, self.cfg.k_aux, self.cfg.aux_coeff,
+                                 select_dtype=torch.bfloat16 if self.cfg.bf16 else None)
         if self.ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

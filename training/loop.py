@@ -157,11 +157,6 @@ class Trainer:
         with torch.no_grad():
             sae.b_pre.copy_(mean.to(sae.b_pre.dtype))
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.cfg.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
-
     # ================================================================== one step
     def train_step(self, batch: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimizer step on ``batch``: rows, or (input, target) rows for a transcoder."""
@@ -170,8 +165,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         layout = self.layout
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            out = layout.forward(x, k, self.dead_mask(), y)
+        out = layout.forward(x, k, self.dead_mask(), y)
         out.loss.backward()  # under DDP the gradients are averaged over ranks when this returns
         layout.reduce_gradients()
         layout.project_decoder_grad_()
@@ -206,8 +200,7 @@ class Trainer:
             x, y = batch if isinstance(batch, tuple) else (batch, None)
             x = x.to(self.device)
             y = None if y is None else y.to(self.device)
-            with self.autocast():
-                x_hat, active, c, mse_n = self.layout.eval_batch(x, y)
+            x_hat, active, c, mse_n = self.layout.eval_batch(x, y)
             xd = (x if y is None else y).double()  # what was reconstructed: a transcoder's MLP output
             n_rows = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=self.device)
             sums += torch.stack([(x_hat.double() - xd).pow(2).sum(), xd.pow(2).sum(), active.double(), n_rows,

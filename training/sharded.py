@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from llama3_sae.dist import DistContext
 from sae import SparseAutoencoder
+from sae.model import project_rows_
 from sae.sparse import gathered_relu_linear, sparse_decode
 
 from .config import TrainConfig
@@ -216,9 +217,7 @@ class LatentSharded(Replicated):
 
     @torch.no_grad()
     def project_decoder_grad_(self) -> None:
-        w, g = self.sharded.local("W_dec"), self.sharded.W_dec.grad.to_local()
-        coef = torch.linalg.vecdot(g, w, dim=1) / torch.linalg.vecdot(w, w, dim=1).clamp_min(1e-24)
-        g.sub_(w * coef[:, None])
+        project_rows_(self.sharded.W_dec.grad.to_local(), self.sharded.local("W_dec"))
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
