@@ -42,6 +42,16 @@ class Activation:
     def select(self, sae: "SparseAutoencoder", pre: torch.Tensor, k: int | None, batch_topk: bool) -> Selection:
         raise NotImplementedError
 
+    per_latent = False
+    """At inference a latent's activation depends on its own pre-activation alone (no ranking against the
+    others), so a few latents' codes can be computed from their encoder rows alone (``columns``)."""
+
+    def columns(self, sae: "SparseAutoencoder", pre: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Inference codes [N, E] of ``latents`` from their relu pre-activations [N, E] (``per_latent`` only)."""
+        if not self.per_latent:
+            raise ValueError(f"{self.name} ranks latents against each other: compute the whole code")
+        return pre.masked_fill(pre <= sae.threshold[latents], 0) if self.learns_threshold else pre
+
     def penalty(self, sae: "SparseAutoencoder", values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """The sparsity penalty this architecture trains with (None: none)."""
         return None
@@ -80,7 +90,7 @@ class BatchTopK(Activation):
     """k latents per token on average over a training batch (Bussmann et al.); at inference a JumpReLU with
     the threshold learned in training."""
 
-    name, uses_k, learns_threshold, selects_over_batch = "batchtopk", True, True, True
+    name, uses_k, learns_threshold, selects_over_batch, per_latent = "batchtopk", True, True, True, True
 
     def register_buffers(self, sae, device):
         super().register_buffers(sae, device)
@@ -100,7 +110,7 @@ class BatchTopK(Activation):
 class JumpReLU(Activation):
     """relu(pre) where pre > threshold_i (per latent, float32)."""
 
-    name, learns_threshold = "jumprelu", True
+    name, learns_threshold, per_latent = "jumprelu", True, True
 
     def select(self, sae, pre, k, batch_topk):
         if k is not None:
@@ -111,7 +121,7 @@ class JumpReLU(Activation):
 class ReLU(Activation):
     """relu(pre), trained with an L1 penalty on h_i ||W_dec[i]||."""
 
-    name = "relu"
+    name, per_latent = "relu", True
 
     def select(self, sae, pre, k, batch_topk):
         if k is not None:

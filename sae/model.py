@@ -214,10 +214,11 @@ class SparseAutoencoder(nn.Module):
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
         """W_enc (x_n - b_pre) + b_enc for each token: [..., n_latents] in the weights' dtype (dense)."""
         xn, _ = self.normalize(self.flatten(x))
-        pre = F.linear(self._centre(xn), self.W_enc, self.b_enc)
+        pre = F.linear(self.centre(xn), self.W_enc, self.b_enc)
         return pre.reshape(*x.shape[:-1], self.cfg.n_latents)
 
-    def _centre(self, xn: torch.Tensor) -> torch.Tensor:
+    def centre(self, xn: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: normalised x minus b_pre (when the SAE subtracts it)."""
         return xn - self.b_pre if self.cfg.apply_b_pre_to_input else xn
 
     def decoder_norms(self) -> torch.Tensor:
@@ -238,7 +239,7 @@ class SparseAutoencoder(nn.Module):
         if dead_mask is not None and not k_based:
             raise ValueError(f"the aux-k loss applies to topk/batchtopk SAEs in training, not "
                              f"architecture={self.cfg.architecture!r}" + (" at inference" if act.uses_k else ""))
-        xc = self._centre(xn)
+        xc = self.centre(xn)
         with torch.no_grad():
             if select_dtype is None or select_dtype == self.W_enc.dtype:
                 pre = torch.addmm(self.b_enc, xc.detach(), self.W_enc.t()).relu_()  # [N, L], relu(pre)

@@ -170,9 +170,15 @@ def steer_fn(sae: SparseAutoencoder, edits: Sequence[Edit] = ()) -> SaeFn:
             # decode(h + v e_i) - decode(h) = v W_dec[i] whatever h is: no encoder pass at all.
             stats = sae.norm_stats(flat.float())
             h = torch.zeros(flat.shape[0], len(latents), device=x.device)
+        elif sae.activation.per_latent:
+            # JumpReLU / ReLU / BatchTopK at inference: each latent's code depends on its own encoder row
+            # only, so the edited and condition latents' codes need E rows of W_enc, not all of them.
+            xn, stats = sae.normalize(flat)
+            pre = torch.addmm(sae.b_enc[lat], sae.centre(xn), sae.W_enc[lat].t()).relu_()
+            h = sae.activation.columns(sae, pre.float(), lat)
         else:
             xn, stats = sae.normalize(flat)
-            code = sae.code_normalized(xn)
+            code = sae.code_normalized(xn)  # TopK: a latent's code depends on its rank among all of them
             # Current activations of the edited (and condition) latents, h [N, E].
             hit = code.indices[:, :, None] == lat  # [N, m, E]
             h = (code.values.float()[:, :, None] * hit).sum(1)

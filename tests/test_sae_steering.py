@@ -11,7 +11,7 @@ D, L = 64, 256
 
 
 def make_sae(normalization="none", site="L1R", activation="topk"):
-    k = 8 if activation == "topk" else None
+    k = 8 if activation in ("topk", "batchtopk") else None
     sae = SparseAutoencoder(SAEConfig(d_model=D, n_latents=L, k=k, architecture=activation,
                                       normalization=normalization, site=site), seed=0)
     with torch.no_grad():
@@ -261,3 +261,33 @@ def test_binding_a_dataset_normalised_sae_moves_its_shift_and_refuses_per_token_
     per_token.cfg = per_token.cfg.replace(apply_b_pre_to_input=False, source={"input_before_norm_weight": "mlp_in"})
     with pytest.raises(ValueError, match="normalises each token"):
         bind_to_model(per_token, model)
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu", "batchtopk"])
+@pytest.mark.parametrize("normalization", ["none", "dataset"])
+def test_set_and_clamp_on_per_latent_architectures_use_only_the_edited_encoder_rows(activation, normalization):
+    sae = make_sae(normalization, activation=activation)
+    if activation == "batchtopk":
+        sae.eval()  # inference: its learned threshold, a per-latent rule
+    x = acts()
+    h = sae.encode(x).reshape(-1, L)
+    active = int(h.ne(0).sum(0).argmax())
+    edits = [Edit(active, "set", 0.5, rows=(1,)), Edit(active, "clamp", max=0.01, rows=(0,)), Edit(40, "zero"),
+             Edit(7, "add", 1.5)]
+    calls = []
+    real = sae.code_normalized
+    sae.code_normalized = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    out = steer_fn(sae, edits)(x)
+    assert calls == []  # no full encoder pass
+    ref, h0, he = dense_reference(sae, x, edits)
+    assert not torch.equal(h0, he)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_set_edits_still_need_the_whole_code():
+    sae = make_sae()
+    calls = []
+    real = sae.code_normalized
+    sae.code_normalized = lambda *a, **k: calls.append(1) or real(*a, **k)  # type: ignore[method-assign]
+    steer_fn(sae, [Edit(3, "set", 1.0)])(acts())
+    assert calls == [1]  # a TopK latent's code depends on its rank among all latents
