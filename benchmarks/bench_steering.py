@@ -47,21 +47,24 @@ def build(name: str, max_seq_len: int, batch: int) -> tuple[Llama, SparseAutoenc
     return llm, sae, site
 
 
-def decode_tps(llm: Llama, prompts: list[list[int]], new_tokens: int) -> float:
-    """Tokens per second over the decode steps (prefill excluded)."""
+def decode_steps(llm: Llama, prompts: list[list[int]], new_tokens: int) -> list[float]:
+    """Seconds of each decode step (prefill excluded)."""
     steps = llm.stream(prompts, temperature=0.0, max_gen_len=new_tokens, stop_tokens=[])
     next(steps)  # the prefill's step
-    t = time.perf_counter()
-    n = 0
+    times, t = [], time.perf_counter()
     for _ in steps:
-        n += 1
-    return n * len(prompts) / (time.perf_counter() - t)
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    return times
 
 
-def run(name: str, batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
+def run(name: str, batches: list[int], new_tokens: int, repeats: int, decode_path: str) -> list[dict]:
     rows = []
     for batch in batches:
         llm, sae, site = build(name, 64 + new_tokens, batch)
+        llm.set_decode_path(decode_path)
+        path = llm.prepare_decode(batch)
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(100, 5000, (32,), generator=g).tolist() for _ in range(batch)]
         conditions = {"plain": None, "1 add edit": [Edit(7, "add", 4.0)],
@@ -73,15 +76,16 @@ def run(name: str, batches: list[int], new_tokens: int, repeats: int) -> list[di
                 edits = conditions[c]
                 fns = {site: steer_fn(sae, edits)} if edits else None
                 with torch.inference_mode(), llm.model.hooks(None, fns):
-                    tps = decode_tps(llm, prompts, new_tokens)
+                    steps = decode_steps(llm, prompts, new_tokens)
                 if r:
-                    times[c].append(tps)
-        base = statistics.median(times["plain"])
+                    times[c] += steps
+        # The median step over all rounds: robust to bursts of background load on a shared machine.
+        base = batch / statistics.median(times["plain"])
         for c in names:
-            tps = statistics.median(times[c])
-            rows.append({"model": name, "batch": batch, "condition": c, "decode_tps": tps,
+            tps = batch / statistics.median(times[c])
+            rows.append({"model": name, "batch": batch, "decode_path": path, "condition": c, "decode_tps": tps,
                          "overhead": base / tps - 1})
-            print(f"  {name} batch {batch} {c:12s} {tps:8.2f} tok/s  overhead {100 * (base / tps - 1):+.1f}%",
+            print(f"  {name} batch {batch} ({path}) {c:12s} {tps:8.2f} tok/s  overhead {100 * (base / tps - 1):+.1f}%",
                   flush=True)
         del llm, sae
     return rows
@@ -93,18 +97,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round)")
+    p.add_argument("--decode-path", default="auto",
+                   help="how decode steps run (auto, the apps' default, measures; or eager, compiled, ...): a "
+                        "compiled path runs the hooked block eagerly, so steering costs more relative to it")
     a = p.parse_args(argv)
     info = machine.describe()
     print(machine.banner(info), flush=True)
     rows = []
     for name in a.models.split(","):
-        rows += run(name.strip(), [int(b) for b in a.batches.split(",")], a.new_tokens, a.repeats)
-    print(f"\nsteering overhead during greedy decode, {a.new_tokens} new tokens, median of {a.repeats} rounds; "
+        rows += run(name.strip(), [int(b) for b in a.batches.split(",")], a.new_tokens, a.repeats, a.decode_path)
+    print(f"\nsteering overhead during greedy decode, {a.new_tokens} new tokens, median step of {a.repeats} rounds; "
           f"{info['cpu']}, {info['threads']} threads, {time.strftime('%Y-%m-%d')}\n")
-    print("| model | batch | condition | decode tok/s | overhead vs plain |")
-    print("| --- | ---: | --- | ---: | ---: |")
+    print("| model | batch | decode path | condition | decode tok/s | overhead vs plain |")
+    print("| --- | ---: | --- | --- | ---: | ---: |")
     for r in rows:
-        print(f"| {r['model']} | {r['batch']} | {r['condition']} | {r['decode_tps']:.2f} | {100 * r['overhead']:+.1f}% |")
+        print(f"| {r['model']} | {r['batch']} | {r['decode_path']} | {r['condition']} | {r['decode_tps']:.2f} | "
+              f"{100 * r['overhead']:+.1f}% |")
     return rows
 
 

@@ -5,23 +5,27 @@ matrix extensions present, the accelerator, torch version, threads and the load 
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llama3.decode_paths import cpu_name
+
 EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def cpu_name() -> str:
+def cpu_family() -> str | None:
+    """"family F model M" from ``/proc/cpuinfo``: what tells two CPUs apart that a VM names alike ("AMD EPYC")."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
 
 
 def cpu_extensions() -> list[str]:
@@ -35,7 +39,7 @@ def cpu_extensions() -> list[str]:
 
 def describe() -> dict[str, Any]:
     """The machine, as a JSON-able dict (goes into each benchmark's results)."""
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "extensions": cpu_extensions(),
+    return {"cpu": cpu_name(), "cpu_family": cpu_family(), "cores": os.cpu_count(), "extensions": cpu_extensions(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_avg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
@@ -47,5 +51,6 @@ def banner(info: dict[str, Any] | None = None) -> str:
     ext = ", ".join(m["extensions"]) or "no AVX2/AVX-512/AMX"
     gpu = f"; GPU {m['gpu']}" if m["gpu"] else ""
     busy = " (busy: numbers are not comparable)" if m["load_avg"] and m["load_avg"] > 0.5 * (m["cores"] or 1) else ""
-    return (f"machine: {m['cpu']}, {m['cores']} cores ({ext}){gpu}; torch {m['torch']}, {m['threads']} threads; "
+    family = f" ({m['cpu_family']})" if m.get("cpu_family") else ""
+    return (f"machine: {m['cpu']}{family}, {m['cores']} cores ({ext}){gpu}; torch {m['torch']}, {m['threads']} threads; "
             f"load average {m['load_avg']}{busy}")

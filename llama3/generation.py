@@ -21,7 +21,7 @@ import torch
 from .chat_template import chat_format_for
 from .checkpoint import check_vocab, detect_layout, load_model, load_tokenizer
 from .compilation import decode_compile_options
-from .decode_paths import PATHS, DecodeStep, build_step, choose
+from .decode_paths import PATHS, DecodeStep, build_step, choose, prefill_scope
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -92,7 +92,8 @@ class Llama:
         self._decode_step: Callable | None = None
         self._prefill: Callable | None = None
         self._steps: dict[str, DecodeStep] = {}  # by path name; one step serves every batch size
-        self._path_of: dict[int, str] = {}  # by batch size
+        self._path_of: dict[int, str] = {}  # by batch bucket
+        self._prefill_of: dict[int, str] = {}  # by batch bucket (auto only; forced paths prefill eagerly)
         self.report = report
         """Where the auto decode path's one-line choice goes (default: stderr)."""
         self.set_decode_path(decode_path)
@@ -106,7 +107,7 @@ class Llama:
             name = os.environ.get("LLAMA3_SAE_DECODE_PATH") or "auto"
         if name != "auto" and name not in PATHS:
             raise ValueError(f"unknown decode path {name!r}; expected auto or one of {', '.join(PATHS)}")
-        self._steps, self._path_of = {}, {}
+        self._steps, self._path_of, self._prefill_of = {}, {}, {}
         self.decode_path = name
         if name == "int8":  # quantise now, before anything else reads the weights
             self._steps[name] = build_step(self.model, name)
@@ -274,16 +275,25 @@ class Llama:
                 logits = self._step_for(chunk.shape[0])(step_input, start_pos)
         else:
             forward = self._prefill if self._prefill is not None else self.model
-            logits = forward(chunk, start_pos, last_only=True)
+            if self.decode_path == "auto" and self._prefill is None:
+                self._step_for(chunk.shape[0])  # the choice (and its prefill path) for this batch
+                with prefill_scope(self._prefill_of.get(self._bucket(chunk.shape[0]), "eager")):
+                    logits = forward(chunk, start_pos, last_only=True)
+            else:
+                logits = forward(chunk, start_pos, last_only=True)
         return logits[:, -1]
 
     def _step_for(self, batch: int) -> DecodeStep:
         # Batch 1 (matrix-vector products) and larger batches behave differently; all larger batches share
         # one calibration, at the cache's batch size.
-        bucket = 1 if batch == 1 else self.model.cache_shape[0]
+        bucket = self._bucket(batch)
         name = self._path_of.get(bucket)
         if name is None:
-            name = self.decode_path if self.decode_path != "auto" else choose(self.model, bucket, report=self.report).path
+            if self.decode_path == "auto":
+                choice = choose(self.model, bucket, report=self.report)
+                name, self._prefill_of[bucket] = choice.path, choice.prefill
+            else:
+                name = self.decode_path
             self._path_of[bucket] = name
         if name not in self._steps:
             self._steps[name] = build_step(self.model, name)
@@ -298,7 +308,10 @@ class Llama:
         """The path decode steps of ``batch`` rows take (None: not chosen yet)."""
         if self.decode_path != "auto":
             return self.decode_path
-        return self._path_of.get(1 if batch == 1 else self.model.cache_shape[0])
+        return self._path_of.get(self._bucket(batch))
+
+    def _bucket(self, batch: int) -> int:
+        return 1 if batch == 1 else self.model.cache_shape[0]
 
     def generate(self, prompt_tokens: Sequence[Sequence[int]], **kwargs) -> list[Completion]:
         result: list[Completion] = []
