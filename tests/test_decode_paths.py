@@ -151,3 +151,34 @@ def test_forcing_and_errors(tokenizer, monkeypatch):
     assert llm.decode_path == "swapped" and llm.prepare_decode(1) == "swapped"
     # An explicit path is not overridden by the environment.
     assert Llama(model, tokenizer, decode_path="eager").decode_path == "eager"
+
+
+def test_auto_prefill_path_comes_from_the_choice_and_keeps_the_tokens(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.delenv("LLAMA3_SAE_DECODE_PATH", raising=False)
+    monkeypatch.setenv("LLAMA3_SAE_CACHE", str(tmp_path))
+    monkeypatch.setattr(decode_paths, "calibrate", lambda model, batch, **kw: DecodeChoice(
+        "eager", {"eager": 10.0}, {}, batch, 0.1, prefill="swapped", prefill_ms={"eager": 6.0, "swapped": 4.0}))
+    rows_seen = []
+    real = decode_paths._swapped_linear
+
+    def spy(x, w, max_rows=16):
+        rows_seen.append(x.numel() // w.shape[1])
+        return real(x, w, max_rows)
+
+    monkeypatch.setattr(decode_paths, "_swapped_linear", spy)
+    model = _model()
+    lines: list[str] = []
+    llm = Llama(model, tokenizer, decode_path="auto", report=lines.append)
+    prompts = [list(range(128000, 128000 + 1)) + list(range(500, 530)), list(range(128000, 128000 + 1)) + list(range(600, 630))]
+    got = _tokens(llm, prompts, n=6)
+    assert "prefill swapped (1.50x eager)" in lines[0]
+    assert max(rows_seen) == 2 * 31  # the prefill's products ran swapped (decode steps stay eager here)
+    assert got == _tokens(Llama(model, tokenizer), prompts, n=6)
+
+
+def test_calibration_measures_the_prefill_in_fp32_only():
+    model = _model(batch=1)
+    choice = decode_paths.calibrate(model, 1, candidates=("eager",), rounds=1, steps=1)
+    assert set(choice.prefill_ms) == {"eager", "swapped"} and choice.prefill in ("eager", "swapped")
+    bf16 = _model(batch=1).to(torch.bfloat16)
+    assert decode_paths.calibrate(bf16, 1, candidates=("eager",), rounds=1, steps=1).prefill_ms == {}
