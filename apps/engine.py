@@ -22,7 +22,7 @@ from llama3.checkpoint import read_model_args, resolve_checkpoint
 from llama3.decode_paths import DecodePathName
 from llama3.generation import Completion, Dialog
 from llama3.model import Site
-from llama3_sae.devices import DTYPES, DTypeName, resolve_device
+from llama3_sae.devices import ModelDTypeName, model_dtype, resolve_device
 from sae import Edit, SparseAutoencoder, bind_to_model, check_injection, load_sae, steer_fn
 from sae.conditions import Condition
 from sae.config import input_site_of, resolve_bos
@@ -42,8 +42,10 @@ class ModelOptions:
     """Context length of the KV cache (prompt + completion)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
-    model_dtype: DTypeName = "bf16"
-    """Dtype the model's weights and activations are computed in."""
+    model_dtype: ModelDTypeName = "auto"
+    """Dtype the model's weights and activations are computed in. auto: bf16 on a GPU and on CPUs with bf16 in
+    hardware (AVX-512-BF16, AMX); fp32 on other CPUs, where bf16 products are emulated and several times
+    slower, unless the fp32 weights would take over half the available memory."""
     decode_path: DecodePathName = "auto"
     """How decode steps run: auto times the candidates on this machine at the first generation (a few seconds to
     a minute, once: the choice is cached per CPU, torch version and model shape, and printed), or force one:
@@ -209,7 +211,8 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         llm = Llama.build(ckpt, max_seq_len=model.max_seq_len, max_batch_size=max_batch_size,
-                          device=device, dtype=DTYPES[model.model_dtype], compile=model.compile,
+                          device=device, dtype=model_dtype(model.model_dtype, device, 4 * read_model_args(ckpt).n_params),
+                          compile=model.compile,
                           decode_path=model.decode_path)
         if generates:
             llm.prepare_decode(max_batch_size)

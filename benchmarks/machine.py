@@ -5,35 +5,23 @@ matrix extensions present, the accelerator, torch version, threads and the load 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from llama3.decode_paths import cpu_name
+from llama3_sae.devices import cpu_flags, cpu_info, cpu_name
 
 EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_family() -> str | None:
-    """"family F model M" from ``/proc/cpuinfo``: what tells two CPUs apart that a VM names alike ("AMD EPYC")."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                      if ":" in line)
-    except OSError:
-        return None
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    if "cpu family" not in fields or "model" not in fields:
-        return None
-    return f"family {fields['cpu family']} model {fields['model']}"
+    """"family F model M": what tells apart two CPUs that a VM names alike ("AMD EPYC")."""
+    info = cpu_info()
+    return f"family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else None
 
 
 def cpu_extensions() -> list[str]:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return []
-    present = set(flags.split(":", 1)[1].split())
+    present = cpu_flags()
     return [e for e in EXTENSIONS if e in present]
 
 

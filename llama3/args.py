@@ -47,6 +47,14 @@ class ModelArgs:
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
+    @property
+    def n_params(self) -> int:
+        """Parameters of a model of this shape (the tied head counted once)."""
+        hd, kv = self.head_dim, self.n_kv_heads or self.n_heads
+        block = 2 * self.dim * self.n_heads * hd + 2 * self.dim * kv * hd + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_word_embeddings else 2)
+        return self.n_layers * block + embeddings + self.dim
+
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads

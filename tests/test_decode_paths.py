@@ -182,3 +182,19 @@ def test_calibration_measures_the_prefill_in_fp32_only():
     assert set(choice.prefill_ms) == {"eager", "swapped"} and choice.prefill in ("eager", "swapped")
     bf16 = _model(batch=1).to(torch.bfloat16)
     assert decode_paths.calibrate(bf16, 1, candidates=("eager",), rounds=1, steps=1).prefill_ms == {}
+
+
+def test_auto_model_dtype_follows_the_cpu_and_the_memory(monkeypatch):
+    from llama3_sae import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "_available_memory", lambda: 8 << 30)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "fma"})
+    assert devices.model_dtype("auto", cpu, 4 * 135_000_000) == torch.float32  # emulated bf16: fp32
+    assert devices.model_dtype("auto", cpu, 4 * 8_000_000_000) == torch.bfloat16  # 32 GB of fp32 > half of 8 GB
+    assert devices.model_dtype("bf16", cpu) == torch.bfloat16  # a named dtype is taken as given
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16"})
+    assert devices.model_dtype("auto", cpu, 4 * 135_000_000) == torch.bfloat16
+    assert devices.model_dtype("auto", torch.device("meta")) == torch.bfloat16  # an accelerator
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        devices.model_dtype("fp8", cpu)
