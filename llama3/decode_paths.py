@@ -68,8 +68,6 @@ _SWAP_MAX_ROWS = 16
 _CALIBRATION_BYTES = 256 * 2**20
 CACHE_VERSION = 2
 
-StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 # --------------------------------------------------------------------------- the machine
 def device_name(device: torch.device) -> str:
