@@ -86,7 +86,8 @@ def attribute(engine: Engine, tokens: Sequence[int], position: int | None = None
     ids = torch.tensor([tokens[:position]], dtype=torch.long, device=device)
     target = tokens[position]
     # Without the cache: a forward at start_pos=0 would write graph-carrying keys/values into its buffers.
-    with engine.lock, model.without_cache(), model.hooks(None, {site: at_site}), torch.enable_grad():
+    with engine.lock, engine.frozen_weights(), model.without_cache(), model.hooks(None, {site: at_site}), \
+            torch.enable_grad():
         logits = model(ids, 0, last_only=True)[0, -1].float()  # [vocab]
         metric = logits[target] - logits.mean()
         (grad,) = torch.autograd.grad(metric, read["y"])

@@ -252,13 +252,13 @@ def _prepare_sae(cfg: DemoConfig, ckpt: Path, data: Path, acts: Path, sae_dir: P
     summary = run_capture(CaptureConfig(ckpt_dir=ckpt, data=(data,), sites=cfg.site, out=acts, dtype="fp32",
                                         model_dtype="fp32", device="cpu", limit=cfg.limit, progress=cfg.progress),
                           console=console)
-    console.print(escape(capture_summary(summary)))
+    console.print(escape(_no_hint(capture_summary(summary))))
     timings["capture"] = time.perf_counter() - t
 
     t = stage(2, "preprocess: statistics and a shuffled copy")
     store = acts / cfg.site
-    console.print(escape(preprocess_summary(run_preprocess(PreprocessConfig(store=store, workers=1,
-                                                                            progress=cfg.progress), console=console))))
+    pre = run_preprocess(PreprocessConfig(store=store, workers=1, progress=cfg.progress), console=console)
+    console.print(escape(_no_hint(preprocess_summary(pre))))
     timings["preprocess"] = time.perf_counter() - t
 
     t = stage(3, f"train a TopK SAE ({cfg.n_latents:,} latents, k={cfg.k}, {cfg.train_steps:,} steps)")
@@ -487,6 +487,11 @@ def _print_numbers(console, results: dict[str, Any], work: Path) -> None:
                      f"--steer {c['latent']}={c['value']:g}\n  llama3-sae ui --sae {sae_dir}")
     lines.append(f"numbers: {work / RESULTS_FILE}  ({results['seconds']['total']:.0f} s)")
     console.print(escape("\n".join(lines)))
+
+
+def _no_hint(summary: str) -> str:
+    """A stage's summary without its "next:" line: the demo runs the next stage itself."""
+    return "\n".join(line for line in summary.splitlines() if not line.startswith("next:"))
 
 
 def main_demo(argv: list[str] | None = None, prog: str = "llama3-sae demo") -> int:
