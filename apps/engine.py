@@ -48,8 +48,8 @@ class ModelOptions:
     hardware (AVX-512-BF16, AMX); fp32 on other CPUs, where bf16 products are emulated and several times
     slower, unless the fp32 weights would take over half the available memory."""
     decode_path: DecodePathName = "auto"
-    """How decode steps run: auto times the candidates on this machine at the first generation (a few seconds to
-    a minute, once: the choice is cached per CPU, torch version and model shape, and printed), or force one:
+    """How decode steps run: auto times the candidates on this machine before the first generation (10-80 s on
+    a 2-core CPU, once: the choice is cached per CPU, torch version and model shape, and printed), or force one:
     eager, swapped (small-batch products as W @ x.T), compiled (torch.compile of one block, CPU matrix-vector
     reductions), inductor (the same with inductor's defaults), onednn (oneDNN on packed weight copies) or int8
     (int8 weight-only, lossy). $LLAMA3_SAE_DECODE_PATH sets what auto means."""
