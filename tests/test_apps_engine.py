@@ -193,8 +193,13 @@ def test_attribution_is_the_summed_gradient(engine):
     by epsilon at every position, which is what steering it does."""
     ids = engine.encode_prompts(["The delegates gathered at the hall and"])[0]
     edits = [Edit(5, "add", 2.0)]
-    result = attribute(engine, ids, edits=edits)
     model = engine.llm.model
+    # The weights keep their gradients flag for generation (compiled decode regions run 2.3x slower on weights
+    # that require none); attribution freezes them for its own pass only.
+    assert all(p.requires_grad for p in model.parameters())
+    result = attribute(engine, ids, edits=edits)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # nothing was differentiated into the weights
     caches = [b.attention.cache for b in model.layers]
 
     def metric_with(fn):
