@@ -198,19 +198,20 @@ class Engine:
 
         device = resolve_device(model.device)
         ckpt = resolve_checkpoint(model.ckpt_dir)
+        args = read_model_args(ckpt)
         sae = None
         if sae_path is not None:
             if not Path(sae_path).exists():
                 raise FileNotFoundError(f"--sae {sae_path}: no such file or directory")
             sae = load_sae(sae_path, site=site, device=device)
             try:
-                check_injection(sae, read_model_args(ckpt), site, require_bound=False)
+                check_injection(sae, args, site, require_bound=False)
             except ValueError as e:
                 raise ValueError(f"the SAE in {sae_path} does not fit the model in {ckpt}: {e}") from None
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         llm = Llama.build(ckpt, max_seq_len=model.max_seq_len, max_batch_size=max_batch_size,
-                          device=device, dtype=model_dtype(model.model_dtype, device, 4 * read_model_args(ckpt).n_params),
+                          device=device, dtype=model_dtype(model.model_dtype, device, 4 * args.n_params),
                           compile=model.compile,
                           decode_path=model.decode_path)
         if generates:

@@ -22,6 +22,11 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 aten = torch.ops.aten
 
 
+SWAP_MAX_ROWS = 16
+"""fp32 CPU products of 2 to this many rows run weight-first, ``(W @ x.T).T`` (here and in
+``llama3.decode_paths``' swapped path): the GEMM then streams the weight once."""
+
+
 def _gemv_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None):
     """``a @ b`` for a [1, K] CPU row as a multiply-and-sum; for 2-16 fp32 rows as ``(b.T @ a.T).T`` (the
     weight as the GEMM's row-major left operand is streamed once, see ``llama3.decode_paths``); anything
@@ -30,7 +35,7 @@ def _gemv_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = N
         return NotImplemented
     if a.shape[0] == 1:
         return (a.float().unsqueeze(2) * b.float().unsqueeze(0)).sum(dim=1).to(a.dtype)  # [1, N]
-    if a.shape[0] <= 16 and a.dtype == torch.float32:
+    if a.shape[0] <= SWAP_MAX_ROWS and a.dtype == torch.float32:
         return aten.bmm(b.t().unsqueeze(0), a.t().unsqueeze(0))[0].t()  # bmm: not decomposed again
     return NotImplemented
 

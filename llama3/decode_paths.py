@@ -50,7 +50,7 @@ from llama3_sae.devices import cpu_name
 from llama3_sae.files import atomic_write_json
 from llama3_sae.paths import cache_root
 
-from .compilation import cpu_decode_backend
+from .compilation import SWAP_MAX_ROWS, cpu_decode_backend
 from .model import Transformer, TransformerBlock, init_random_weights
 from .quant import quantize_int8
 
@@ -61,8 +61,6 @@ AUTO_CANDIDATES: tuple[str, ...] = ("eager", "swapped", "compiled", "inductor")
 FORCED_ONLY = {"onednn": "a packed copy of the weights", "int8": "lossy"}
 """Timed but chosen only when forced, and why."""
 
-# Products with at most this many rows take the swapped form; a prefill's many rows keep F.linear.
-_SWAP_MAX_ROWS = 16
 # The calibration model gets enough layers for this many weight bytes, so that its weights stream from
 # memory as the real model's do (one small block would sit in the CPU's cache and look fast).
 _CALIBRATION_BYTES = 256 * 2**20
@@ -162,7 +160,7 @@ class _LinearMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _swapped_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = _SWAP_MAX_ROWS) -> torch.Tensor | None:
+def _swapped_linear(x: torch.Tensor, weight: torch.Tensor, max_rows: int | None = SWAP_MAX_ROWS) -> torch.Tensor | None:
     rows = x.numel() // weight.shape[1]
     if (max_rows is not None and rows > max_rows) or x.device.type != "cpu" or weight.dtype != torch.float32:
         return None
